@@ -1,0 +1,186 @@
+"""``agg_cross_entropy``: (label-smoothed) cross-entropy with Adaptive Gradient Gating."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from omegaconf import II
+
+from fairseq_agg import core
+
+STUDY_MODES = ["none", "freeze", "detach_b", "detach_c", "detach_bc"]
+# (g1, g2) on the static rare group: part (b) is gated by g1, part (c) by g2.
+STUDY_GATE_VALUES = {"freeze": (0.0, 0.0), "detach_b": (0.0, 1.0), "detach_c": (1.0, 0.0), "detach_bc": (0.0, 0.0)}
+
+
+@dataclass
+class AggCrossEntropyConfig(FairseqDataclass):
+    agg_alpha: float = field(
+        default=0.03,
+        metadata={"help": "token k is rare when its average count per update over the window is below alpha; in (0, 1]"},
+    )
+    agg_window: Optional[int] = field(
+        default=None,
+        metadata={"help": "K, the number of past updates the token counter remembers (default: the updates of one epoch)"},
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "epsilon for label smoothing, 0 means no label smoothing"}
+    )
+    agg_no_g1: bool = field(default=False, metadata={"help": "ablation: do not gate part (b) (gate g1 = 1)"})
+    agg_no_g2: bool = field(default=False, metadata={"help": "ablation: do not gate part (c) (gate g2 = 1)"})
+    agg_static_after: Optional[int] = field(
+        default=None,
+        metadata={"help": "ablation: freeze the rare group and its gates after this many updates"},
+    )
+    agg_study: ChoiceEnum(STUDY_MODES) = field(
+        default="none",
+        metadata={
+            "help": "empirical study of paper Tables 1-2 on a static rare group instead of AGG: "
+            "freeze (rare embeddings not trained), detach_b, detach_c, detach_bc (detach gradient parts)"
+        },
+    )
+    agg_study_rare_fraction: float = field(
+        default=0.2, metadata={"help": "size of the static rare group of --agg-study, as a fraction of the non-special tokens"}
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def output_projection_weight(model) -> torch.Tensor:
+    """The W of logits = h W^T, refusing output layers that AGG's gradient split does not cover."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise ValueError("agg criteria need a fairseq model with a decoder")
+    if getattr(decoder, "adaptive_softmax", None) is not None:
+        raise ValueError("agg criteria do not support --adaptive-softmax-cutoff: AGG needs a full softmax over W")
+    projection = getattr(decoder, "output_projection", None)
+    if not isinstance(projection, torch.nn.Linear) or projection.bias is not None:
+        raise ValueError(
+            "agg criteria need decoder.output_projection to be a bias-free nn.Linear "
+            "(fairseq's transformer_lm_* and transformer_* architectures)"
+        )
+    return projection.weight
+
+
+class AggCriterionBase(FairseqCriterion):
+    """Shared by the AGG criteria: validation, gates and the single logits pass."""
+
+    def __init__(self, task, cfg: AggCrossEntropyConfig):
+        super().__init__(task)
+        from fairseq_agg.tasks.agg_task import AggTaskMixin
+
+        if not isinstance(task, AggTaskMixin):
+            raise ValueError(
+                f"criterion {self.criterion_name()} needs a task that feeds its token counter: use "
+                f"--task language_modeling_agg for language modelling or --task translation_agg for "
+                f"translation (got {type(task).__name__})"
+            )
+        if not 0.0 < cfg.agg_alpha <= 1.0:
+            raise ValueError(f"--agg-alpha must lie in (0, 1], got {cfg.agg_alpha}")
+        if cfg.agg_window is not None and cfg.agg_window < 1:
+            raise ValueError(f"--agg-window must be a positive number of updates, got {cfg.agg_window}")
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+        if cfg.agg_static_after is not None and cfg.agg_static_after < 1:
+            raise ValueError(f"--agg-static-after must be a positive number of updates, got {cfg.agg_static_after}")
+        study = str(cfg.agg_study)
+        if study not in STUDY_MODES:
+            raise ValueError(f"unknown --agg-study mode {study!r}; choose one of {', '.join(STUDY_MODES)}")
+        self.cfg = cfg
+        self.sentence_avg = cfg.sentence_avg
+        self.eps = cfg.label_smoothing
+        self.counter = task.configure_agg(window=cfg.agg_window, static_after=cfg.agg_static_after)
+        self.study = study
+        self.static_gates = None
+        if study != "none":
+            counts = torch.tensor(task.target_dictionary.count, dtype=torch.float64)
+            rare = core.static_rare_mask(counts, task.target_dictionary.nspecial, cfg.agg_study_rare_fraction)
+            self.static_gates = core.constant_gates(rare, *STUDY_GATE_VALUES[study])
+            if study == "freeze":
+                task.freeze_rows(rare)
+        self._gates_cache = (None, None)
+
+    @classmethod
+    def criterion_name(cls):
+        return "agg_cross_entropy"
+
+    def current_gates(self) -> core.Gates:
+        if self.static_gates is not None:
+            return self.static_gates
+        key, gates = self._gates_cache
+        if key != self.counter.num_updates:
+            gates = core.compute_gates(
+                self.counter.average(),
+                self.cfg.agg_alpha,
+                self.counter.nspecial,
+                use_g1=not self.cfg.agg_no_g1,
+                use_g2=not self.cfg.agg_no_g2,
+            )
+            self._gates_cache = (self.counter.num_updates, gates)
+        return gates
+
+    def features_and_logits(self, model, sample):
+        """One decoder pass; logits whose W-gradient is gated while training."""
+        features, extra = model(**sample["net_input"], features_only=True)
+        weight = output_projection_weight(model)
+        target = model.get_targets(sample, (features, extra)).reshape(-1)
+        flat = features.reshape(-1, features.size(-1))
+        gates = self.current_gates() if self.training and torch.is_grad_enabled() else None
+        return core.gated_linear(flat, weight, target, gates), target
+
+    def logging_extras(self) -> dict:
+        # Summable so that fairseq can all-reduce logs on CPU workers.
+        return {"agg_rare": self.current_gates().num_rare, "agg_logs": 1}
+
+    def sample_size(self, sample):
+        return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+
+    @staticmethod
+    def reduce_agg_metrics(logging_outputs) -> None:
+        loss_sum = sum(log.get("loss", 0) for log in logging_outputs)
+        nll_sum = sum(log.get("nll_loss", 0) for log in logging_outputs)
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", nll_sum / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        n_logs = sum(log.get("agg_logs", 0) for log in logging_outputs)
+        if n_logs > 0:
+            rare = sum(log.get("agg_rare", 0) for log in logging_outputs)
+            metrics.log_scalar("agg_rare", rare / n_logs, n_logs, round=1)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+@register_criterion("agg_cross_entropy", dataclass=AggCrossEntropyConfig)
+class AggCrossEntropyCriterion(AggCriterionBase):
+    """Cross-entropy (optionally label-smoothed) whose output-embedding gradient is gated
+    by AGG. Loss values and feature gradients are exactly those of fairseq's
+    ``cross_entropy`` / ``label_smoothed_cross_entropy``."""
+
+    def forward(self, model, sample, reduce=True):
+        if not reduce:
+            raise ValueError("agg_cross_entropy only computes summed losses (reduce=True)")
+        logits, target = self.features_and_logits(model, sample)
+        lprobs = utils.log_softmax(logits, dim=-1)
+        loss, nll_loss = core.label_smoothed_nll_loss(lprobs, target, self.eps, self.padding_idx)
+        sample_size = self.sample_size(sample)
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **self.logging_extras(),
+        }
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        cls.reduce_agg_metrics(logging_outputs)

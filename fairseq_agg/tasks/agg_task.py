@@ -1,0 +1,138 @@
+"""What the AGG criteria need from a task: the update clock, counting of training targets
+summed over micro-batches and workers, and the counter in the checkpoint."""
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from fairseq.distributed import utils as distributed_utils
+
+from fairseq_agg.core import TokenCounter
+
+logger = logging.getLogger(__name__)
+
+
+class AggCounterState(torch.nn.Module):
+    """Carries the task's token counter inside the model's state dict.
+
+    fairseq saves ``task_state`` but does not restore it when training resumes, while the
+    model state is restored on every worker; so the counter travels as the model's extra
+    state (key ``agg_counter._extra_state``). It has no parameters and no buffers.
+    """
+
+    def __init__(self, task):
+        super().__init__()
+        self._task = [task]  # a list keeps the task out of the module tree
+        self.register_load_state_dict_pre_hook(self._allow_missing)
+
+    @staticmethod
+    def _allow_missing(module, state_dict, prefix, *args):
+        # Checkpoints of plain fairseq runs hold no counter: start from an empty one.
+        state_dict.setdefault(prefix + "_extra_state", None)
+
+    def get_extra_state(self):
+        return self._task[0].agg_counter.state_dict()
+
+    def set_extra_state(self, state):
+        if state is not None:
+            self._task[0].agg_counter.load_state_dict(state)
+
+
+class AggTaskMixin:
+    """Mixed into fairseq's language-modelling and translation tasks."""
+
+    def _init_agg(self):
+        # fairseq's language-modelling task is a legacy task: its config lives in self.args.
+        self.agg_options = getattr(self, "cfg", None) or self.args
+        dictionary = self.target_dictionary
+        self.agg_counter = TokenCounter(len(dictionary), dictionary.nspecial)
+        self._agg_window_from_option = False
+        self._agg_frozen_rows = None
+        if getattr(self.agg_options, "amp", False):
+            raise ValueError(
+                "the AGG tasks do not support --amp: it retries overflowing batches after the "
+                "optimizer step, which the token counter cannot tell from a new update; use --fp16 or --bf16"
+            )
+
+    # -- set-up ---------------------------------------------------------------------
+    def configure_agg(self, window: Optional[int], static_after: Optional[int]) -> TokenCounter:
+        if window is not None:
+            self.agg_counter.set_window(window)
+            self._agg_window_from_option = True
+        self.agg_counter.freeze_after = static_after
+        return self.agg_counter
+
+    def freeze_rows(self, rows: torch.Tensor) -> None:
+        """Keep the embedding rows in ``rows`` (bool, over the target dictionary) untrained."""
+        self._agg_frozen_rows = rows
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        model.agg_counter = AggCounterState(self)
+        return model
+
+    def get_batch_iterator(self, dataset, *args, epoch=1, **kwargs):
+        itr = super().get_batch_iterator(dataset, *args, epoch=epoch, **kwargs)
+        if (
+            self.agg_counter.window is None
+            and not self._agg_window_from_option
+            and dataset is self.datasets.get(self.agg_options.train_subset)
+        ):
+            schedule = self.agg_options.update_freq
+            update_freq = schedule[min(epoch, len(schedule)) - 1]
+            window = max(1, math.ceil(len(itr) / update_freq))
+            self.agg_counter.set_window(window)
+            logger.info(f"AGG token counter window K = {window} updates (one epoch)")
+        return itr
+
+    # -- the update clock -------------------------------------------------------------
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if _starts_update(model):
+            # fairseq clears gradients when an update begins and when it throws one away
+            # (fp16 overflow, OOM): the pending counts go with them.
+            self.agg_counter.discard_pending()
+        if not ignore_grad:
+            self.agg_counter.add(sample["target"], self.target_dictionary.pad())
+        result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        for weight in self._frozen_weights(model, optimizer):
+            if weight.grad is not None:
+                weight.grad[self._agg_frozen_rows.to(weight.device)] = 0
+        return result
+
+    def optimizer_step(self, optimizer, model, update_num):
+        frozen = [(w, w.data[self._agg_frozen_rows.to(w.device)].clone()) for w in self._frozen_weights(model, optimizer)]
+        super().optimizer_step(optimizer, model, update_num)
+        for weight, saved in frozen:
+            # Restored, not only gradient-free: weight decay would still move them.
+            weight.data[self._agg_frozen_rows.to(weight.device)] = saved
+        self.agg_counter.commit(all_reduce=_data_parallel_sum)
+
+    def _frozen_weights(self, model, optimizer):
+        if self._agg_frozen_rows is None:
+            return []
+        if getattr(optimizer, "fp32_params", None) is not None:
+            raise ValueError(
+                "--agg-study freeze cannot hold rows fixed under --fp16 with fp32 master weights; "
+                "train the study in fp32, with --bf16, or with --memory-efficient-fp16"
+            )
+        decoder = getattr(model, "module", model).decoder
+        weights = (decoder.embed_tokens.weight, decoder.output_projection.weight)
+        return list({id(w): w for w in weights}.values())
+
+
+def _starts_update(model) -> bool:
+    for param in model.parameters():
+        if param.requires_grad:
+            return param.grad is None
+    return True
+
+
+def _data_parallel_sum(pending: torch.Tensor) -> torch.Tensor:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return pending
+    if distributed_utils.get_data_parallel_world_size() <= 1:
+        return pending
+    return distributed_utils.all_reduce(
+        pending, group=distributed_utils.get_data_parallel_group(), op="sum"
+    )

@@ -1,0 +1,23 @@
+"""``translation_agg``: fairseq's ``translation`` feeding the AGG token counter."""
+
+from dataclasses import dataclass
+from typing import List
+
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
+
+from fairseq_agg.tasks.agg_task import AggTaskMixin
+
+
+@dataclass
+class TranslationAggConfig(TranslationConfig):
+    update_freq: List[int] = II("optimization.update_freq")
+    amp: bool = II("common.amp")
+
+
+@register_task("translation_agg", dataclass=TranslationAggConfig)
+class TranslationAggTask(AggTaskMixin, TranslationTask):
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self._init_agg()

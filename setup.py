@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-agg",
+    version="0.1.0",
+    description="Adaptive Gradient Gating (Yu et al., ACL 2022) as a fairseq plug-in",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_agg", "fairseq_agg.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        # fairseq 0.12.2 does not build on Python 3.11; the fairseq-fixed distribution
+        # installs the same `fairseq` module there.
+        'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
+        'fairseq==0.12.2; python_version < "3.11"',
+        "torch>=1.13",
+        "numpy",
+        "scipy",
+        "sacrebleu>=2.0",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fairseq-agg-demo = fairseq_agg.demo:main"]},
+)
