@@ -210,8 +210,8 @@ class TokenCounter:
     Per update, counts accumulate in a dense pending vector (cost: the update's tokens);
     ``commit`` closes the update (one pass over the vocabulary) and stores it as a sparse
     slot, so the window costs memory in proportion to the tokens it holds, never K x N.
-    With ``window=None`` the window is unbounded until ``set_window`` fixes it (the task
-    does so at the end of the first epoch it observes in full: the paper's one-epoch K).
+    With ``window=None`` the window is unbounded until ``set_window`` fixes it (the tasks
+    set it from the training iterator to the updates of one epoch, the paper's K).
     """
 
     def __init__(self, vocab_size: int, nspecial: int, window: Optional[int] = None):
@@ -222,6 +222,7 @@ class TokenCounter:
         self.vocab_size = vocab_size
         self.nspecial = nspecial
         self.window = window
+        self.freeze_after: Optional[int] = None  # ablation: the window stops changing then
         self.num_updates = 0
         self.device = torch.device("cpu")
         self.window_sum = torch.zeros(vocab_size, dtype=torch.int64)
@@ -244,11 +245,11 @@ class TokenCounter:
             tokens = tokens[tokens != padding_idx]
         if tokens.numel() == 0:
             return
-        if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
-            raise ValueError(
-                f"target token id out of range for a counter of {self.vocab_size} symbols"
-            )
-        tokens = tokens.to(self.device)
+        if tokens.device != self.device:
+            # The counter lives where the targets are, so counting never syncs with the host.
+            self.to(tokens.device)
+        if tokens.device.type == "cpu" and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            raise ValueError(f"target token id out of range for a counter of {self.vocab_size} symbols")
         self.pending.index_add_(0, tokens, torch.ones_like(tokens))
 
     def discard_pending(self) -> None:
@@ -259,6 +260,10 @@ class TokenCounter:
         pending = self.pending
         if all_reduce is not None:
             pending = all_reduce(pending)
+        if self.frozen:
+            self.num_updates += 1
+            self.pending = torch.zeros_like(self.window_sum)
+            return
         ids = pending.nonzero().squeeze(1)
         counts = pending[ids]
         self.window_sum += pending
@@ -273,8 +278,12 @@ class TokenCounter:
         self.window = window
         self._trim()
 
+    @property
+    def frozen(self) -> bool:
+        return self.freeze_after is not None and self.num_updates >= self.freeze_after
+
     def _trim(self) -> None:
-        if self.window is None:
+        if self.window is None or self.frozen:
             return
         while len(self.slots) > self.window:
             ids, counts = self.slots.popleft()
@@ -304,6 +313,7 @@ class TokenCounter:
             "nspecial": self.nspecial,
             "window": self.window,
             "num_updates": self.num_updates,
+            "freeze_after": self.freeze_after,
             "slot_lengths": lengths,
             "slot_ids": ids,
             "slot_counts": counts,
@@ -318,6 +328,8 @@ class TokenCounter:
             )
         self.window = state["window"] if self.window is None else self.window
         self.num_updates = int(state["num_updates"])
+        if self.freeze_after is None:
+            self.freeze_after = state.get("freeze_after")
         self.slots = deque()
         self.window_sum = torch.zeros(self.vocab_size, dtype=torch.int64)
         offset = 0
