@@ -342,3 +342,40 @@ class TokenCounter:
         self.pending = torch.zeros_like(self.window_sum)
         self.to(self.device)
         self._trim()
+
+
+def unlikelihood_candidates(target: torch.Tensor, padding_idx: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-level unlikelihood candidates (Welleck et al. 2020) as sparse pairs.
+
+    For position t of sequence b, the candidates are the distinct tokens among the earlier
+    targets target[b, :t] of the *same* sequence, minus target[b, t] and padding; padding
+    positions have none. Returns (flat position index b*T + t, candidate token id) pairs.
+    The work is O(B x T x distinct tokens per sequence), never B x T x vocabulary.
+    """
+    if target.dim() != 2:
+        raise ValueError(f"unlikelihood candidates need targets of shape (batch, length), got {tuple(target.shape)}")
+    bsz, length = target.shape
+    device = target.device
+    positions = torch.arange(length, device=device)
+    # First position of each token in its sequence: a token is a candidate strictly after it.
+    first_pos = torch.full((bsz, length), length, dtype=torch.long, device=device)
+    same = target.unsqueeze(2) == target.unsqueeze(1)  # (B, T, T): target[b, s] == target[b, u]
+    earlier_same = same & (positions.view(1, 1, -1) < positions.view(1, -1, 1))
+    is_first = ~earlier_same.any(dim=2)  # (B, T): position s holds the first occurrence
+    if padding_idx is not None:
+        is_first &= target != padding_idx
+    first_pos = torch.where(is_first, positions.expand(bsz, -1), first_pos)
+    # candidate[b, t, s]: the token first seen at s is a candidate at t.
+    candidate = first_pos.unsqueeze(1) < positions.view(1, -1, 1)
+    candidate &= target.unsqueeze(2) != target.unsqueeze(1)
+    if padding_idx is not None:
+        candidate &= (target != padding_idx).unsqueeze(2)
+    b, t, s = candidate.nonzero(as_tuple=True)
+    return b * length + t, target[b, s]
+
+
+def unlikelihood_loss(lprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed sum_c -log(clamp(1 - p_c, 1e-5)) over the candidate pairs."""
+    candidate_lprobs = lprobs[rows, tokens]
+    one_minus = torch.clamp(1.0 - candidate_lprobs.exp(), min=1e-5)
+    return -torch.log(one_minus).sum()
