@@ -31,6 +31,7 @@ __all__ = [
     "gate_matrix",
     "label_smoothed_nll_loss",
     "gated_cross_entropy",
+    "log_probs",
     "TokenCounter",
 ]
 
@@ -200,8 +201,12 @@ def gated_cross_entropy(
     of ``weight`` is gated entry by entry (paper eq. 23).
     """
     logits = gated_linear(features, weight, target, gates)
-    lprobs = F.log_softmax(logits.float(), dim=-1)
-    return label_smoothed_nll_loss(lprobs, target, label_smoothing, ignore_index)
+    return label_smoothed_nll_loss(log_probs(logits), target, label_smoothing, ignore_index)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float32 at least (float64 stays float64), as the loss needs."""
+    return F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 class TokenCounter:

@@ -168,7 +168,7 @@ class AggCrossEntropyCriterion(AggCriterionBase):
         if not reduce:
             raise ValueError("agg_cross_entropy only computes summed losses (reduce=True)")
         logits, target = self.features_and_logits(model, sample)
-        lprobs = utils.log_softmax(logits, dim=-1)
+        lprobs = core.log_probs(logits)
         loss, nll_loss = core.label_smoothed_nll_loss(lprobs, target, self.eps, self.padding_idx)
         sample_size = self.sample_size(sample)
         logging_output = {

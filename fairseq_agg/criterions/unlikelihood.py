@@ -4,7 +4,6 @@
 from dataclasses import dataclass, field
 
 import torch
-from fairseq import utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
@@ -25,7 +24,7 @@ def _check_alpha(alpha: float) -> None:
 
 def mle_and_unlikelihood(logits, target2d, epsilon, padding_idx, alpha):
     """Summed (loss, nll, ul) for logits of shape (B*T, V) and targets (B, T)."""
-    lprobs = utils.log_softmax(logits, dim=-1)
+    lprobs = core.log_probs(logits)
     target = target2d.reshape(-1)
     mle, nll = core.label_smoothed_nll_loss(lprobs, target, epsilon, padding_idx)
     if alpha == 0:
