@@ -29,10 +29,15 @@ __all__ = [
     "static_rare_mask",
     "gated_linear",
     "gate_matrix",
+    "gate_weight_gradient",
     "label_smoothed_nll_loss",
     "gated_cross_entropy",
     "log_probs",
     "TokenCounter",
+    "unlikelihood_candidates",
+    "unlikelihood_loss",
+    "chunked_gated_loss",
+    "gated_loss",
 ]
 
 
@@ -114,6 +119,34 @@ def gate_matrix(target: torch.Tensor, gates: Gates) -> torch.Tensor:
     return gate
 
 
+def gate_weight_gradient(
+    ungated: torch.Tensor,
+    grad_logits_rare_rows: torch.Tensor,
+    features_rare_rows: torch.Tensor,
+    targets_rare_rows: torch.Tensor,
+    gates: Gates,
+) -> torch.Tensor:
+    """(D * Gate)^T H from the ungated D^T H without a (rows x vocabulary) gate.
+
+    Gate[i, k] is g1[k] on rows whose target is not rare and g2[k] on rows whose target is
+    rare, with 1 on each row's own target. So (D * Gate)^T H = diag(g1) D^T H
+    + diag(g2 - g1) D_r^T H_r + (1 - g2[y_i]) D[i, y_i] h_i added to row y_i for the rare-target
+    rows r: only the (few) rows with a rare target cost anything beyond the plain gradient.
+    ``ungated`` is modified in place and returned.
+    """
+    ungated *= gates.g1.to(ungated.dtype).unsqueeze(1)
+    if targets_rare_rows.numel() == 0:
+        return ungated
+    d_r = grad_logits_rare_rows.to(ungated.dtype)
+    h_r = features_rare_rows.to(ungated.dtype)
+    g1, g2 = gates.g1.to(ungated.dtype), gates.g2.to(ungated.dtype)
+    ungated += (g2 - g1).unsqueeze(1) * d_r.t().matmul(h_r)
+    d_target = d_r.gather(1, targets_rare_rows.unsqueeze(1))
+    own = (1.0 - g2[targets_rare_rows]).unsqueeze(1)
+    ungated.index_add_(0, targets_rare_rows, own * d_target * h_r)
+    return ungated
+
+
 class _GatedLinear(torch.autograd.Function):
     """logits = h @ W^T whose backward gates only the W path (eq. 23)."""
 
@@ -129,11 +162,14 @@ class _GatedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_features = grad_logits.matmul(weight)
         if ctx.needs_input_grad[1]:
-            gate = gate_matrix(target, Gates(rare, g1, g2))
             # Gating happens in float32 at least, whatever the training precision.
-            compute_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
-            gated = (grad_logits.to(compute_dtype) * gate.to(compute_dtype)).to(grad_logits.dtype)
-            grad_weight = gated.t().matmul(features)
+            acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
+            ungated = grad_logits.t().matmul(features).to(acc_dtype)
+            rows = rare[target].nonzero().squeeze(1)
+            gated = gate_weight_gradient(
+                ungated, grad_logits[rows], features[rows], target[rows], Gates(rare, g1, g2)
+            )
+            grad_weight = gated.to(weight.dtype)
         return grad_features, grad_weight, None, None, None, None
 
 
@@ -229,6 +265,7 @@ class TokenCounter:
         self.window = window
         self.freeze_after: Optional[int] = None  # ablation: the window stops changing then
         self.num_updates = 0
+        self.version = 0  # changes whenever average() may change: caches key on it
         self.device = torch.device("cpu")
         self.window_sum = torch.zeros(vocab_size, dtype=torch.int64)
         self.pending = torch.zeros(vocab_size, dtype=torch.int64)
@@ -265,6 +302,7 @@ class TokenCounter:
         pending = self.pending
         if all_reduce is not None:
             pending = all_reduce(pending)
+        self.version += 1
         if self.frozen:
             self.num_updates += 1
             self.pending = torch.zeros_like(self.window_sum)
@@ -281,6 +319,7 @@ class TokenCounter:
         if window < 1:
             raise ValueError(f"agg window must be a positive number of updates, got {window}")
         self.window = window
+        self.version += 1
         self._trim()
 
     @property
@@ -333,6 +372,7 @@ class TokenCounter:
             )
         self.window = state["window"] if self.window is None else self.window
         self.num_updates = int(state["num_updates"])
+        self.version += 1
         if self.freeze_after is None:
             self.freeze_after = state.get("freeze_after")
         self.slots = deque()
@@ -384,3 +424,167 @@ def unlikelihood_loss(lprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Te
     candidate_lprobs = lprobs[rows, tokens]
     one_minus = torch.clamp(1.0 - candidate_lprobs.exp(), min=1e-5)
     return -torch.log(one_minus).sum()
+
+
+# Below this size of the low-precision gradient, float16 would flush it to zero; the
+# chunked path scales it up before the float16 matmul and back down after (as loss scaling
+# does for the unchunked path).
+_FP16_GRAD_SCALE = 1024.0
+
+
+class _ChunkedGatedLoss(torch.autograd.Function):
+    """(Label-smoothed) cross-entropy [+ unlikelihood] of ``features @ weight.T`` computed
+    chunk by chunk of rows: each chunk's logits are made, turned into the loss and into
+    their share of both gradients, and freed. The gradients (W path gated as eq. 23) are
+    kept for backward; no (rows x vocabulary) tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
+                ul_rows, ul_tokens, ul_alpha):
+        rows_total, vocab = features.size(0), weight.size(0)
+        acc_dtype = torch.promote_types(features.dtype, torch.float32)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_scale = _FP16_GRAD_SCALE if features.dtype == torch.float16 else 1.0
+        grad_features = torch.empty(features.shape, dtype=acc_dtype, device=features.device) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        gates = Gates(rare, g1, g2) if rare is not None else None
+        eps_i = epsilon / (vocab - 1)
+        loss = torch.zeros((), dtype=acc_dtype, device=features.device)
+        nll = torch.zeros_like(loss)
+        ul = torch.zeros_like(loss)
+        use_ul = ul_rows is not None and ul_rows.numel() > 0
+        rare_rows = []  # (grad_logits, features, targets) of the rows whose target is rare
+        if use_ul:
+            bounds = torch.searchsorted(ul_rows, torch.arange(0, rows_total + chunk_rows, chunk_rows, device=ul_rows.device))
+        for chunk, start in enumerate(range(0, rows_total, chunk_rows)):
+            end = min(start + chunk_rows, rows_total)
+            h, y = features[start:end], target[start:end]
+            lprobs = h.matmul(weight.t()).to(acc_dtype)
+            lprobs -= torch.logsumexp(lprobs, dim=-1, keepdim=True)
+            valid = (y != ignore_index).to(acc_dtype) if ignore_index is not None else torch.ones_like(y, dtype=acc_dtype)
+            nll_rows = -lprobs.gather(1, y.unsqueeze(1)).squeeze(1) * valid
+            nll += nll_rows.sum()
+            if epsilon > 0:
+                smooth = -(lprobs.sum(dim=1) * valid).sum()
+                loss += (1.0 - epsilon - eps_i) * nll_rows.sum() + eps_i * smooth
+            else:
+                loss += nll_rows.sum()
+            if use_ul:
+                lo, hi = int(bounds[chunk]), int(bounds[chunk + 1])
+                pair_rows, pair_tokens = ul_rows[lo:hi] - start, ul_tokens[lo:hi]
+                p_cand = lprobs[pair_rows, pair_tokens].exp()
+                one_minus = torch.clamp(1.0 - p_cand, min=1e-5)
+                ul_chunk = -torch.log(one_minus).sum()
+                ul += ul_chunk
+                loss += ul_alpha * ul_chunk
+            if not (need_h or need_w):
+                continue
+            # d loss / d logits, built in place of the log-probabilities.
+            probs = lprobs.exp_()
+            row_coef = valid * (1.0 - epsilon - eps_i + vocab * eps_i)
+            if use_ul:
+                # d(-log(1 - p_c))/dz_j = w_c (delta_jc - p_j), w_c = p_c / (1 - p_c); 0 where clamped.
+                weight_c = torch.where(1.0 - p_cand >= 1e-5, p_cand / (1.0 - p_cand), torch.zeros_like(p_cand)) * ul_alpha
+                row_coef = row_coef - torch.zeros_like(row_coef).index_add_(0, pair_rows, weight_c)
+            grad_logits = probs.mul_(row_coef.unsqueeze(1))
+            if use_ul:
+                grad_logits.index_put_((pair_rows, pair_tokens), weight_c, accumulate=True)
+            grad_logits.scatter_add_(1, y.unsqueeze(1), (-(1.0 - epsilon - eps_i) * valid).unsqueeze(1))
+            if epsilon > 0:
+                grad_logits -= (eps_i * valid).unsqueeze(1)
+            if grad_scale != 1.0:
+                grad_logits *= grad_scale
+            if need_h:
+                grad_features[start:end] = grad_logits.to(weight.dtype).matmul(weight).to(acc_dtype) / grad_scale
+            if need_w:
+                grad_weight += grad_logits.to(h.dtype).t().matmul(h).to(acc_dtype) / grad_scale
+                if gates is not None:
+                    rows = rare[y].nonzero().squeeze(1)
+                    if rows.numel():
+                        rare_rows.append((grad_logits[rows] / grad_scale, h[rows].to(acc_dtype), y[rows]))
+        if need_w and gates is not None:
+            # The chunks' ungated sum, gated at once (see gate_weight_gradient).
+            if rare_rows:
+                d_r, h_r, y_r = (torch.cat(parts) for parts in zip(*rare_rows))
+            else:
+                d_r = h_r = None
+                y_r = target[:0]
+            gate_weight_gradient(grad_weight, d_r, h_r, y_r, gates)
+        ctx.save_for_backward(grad_features, grad_weight)
+        ctx.dtypes = (features.dtype, weight.dtype)
+        ctx.mark_non_differentiable(nll, ul)
+        return loss, nll, ul
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_ul):
+        grad_features, grad_weight = ctx.saved_tensors
+        features_dtype, weight_dtype = ctx.dtypes
+        if grad_features is not None:
+            grad_features = (grad_features * grad_loss).to(features_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+        return (grad_features, grad_weight) + (None,) * 10
+
+
+def chunked_gated_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    gates: Optional[Gates],
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    chunk_rows: int = 1024,
+    unlikelihood: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    unlikelihood_alpha: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed (loss, nll, ul) equal to ``gated_linear`` followed by ``log_probs``,
+    ``label_smoothed_nll_loss`` and (optionally) ``unlikelihood_loss`` on the candidate pairs
+    ``unlikelihood`` = (rows, tokens), with rows ascending, but without ever holding the
+    whole logits tensor. ``ul`` is the unweighted unlikelihood sum."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk size must be a positive number of rows, got {chunk_rows}")
+    if gates is not None and gates.is_identity():
+        gates = None
+    if gates is not None:
+        gates = gates.to(features.device)
+    rare, g1, g2 = (gates.rare, gates.g1, gates.g2) if gates is not None else (None, None, None)
+    ul_rows, ul_tokens = unlikelihood if unlikelihood is not None else (None, None)
+    return _ChunkedGatedLoss.apply(
+        features, weight, target, rare, g1, g2, float(label_smoothing), ignore_index, int(chunk_rows),
+        ul_rows, ul_tokens, float(unlikelihood_alpha),
+    )
+
+
+def gated_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    gates: Optional[Gates],
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    unlikelihood_alpha: float = 0.0,
+    chunk_rows: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The objective of the criteria: summed (loss, nll, ul) for ``features`` (B*T, d),
+    output embedding ``weight`` (V, d) and ``target`` (B, T).
+
+    loss = (label-smoothed) NLL + unlikelihood_alpha * UL, with the W gradient gated by
+    ``gates`` (None: plain). ``chunk_rows`` > 0 selects the chunked path, which never holds
+    the (B*T, V) logits; 0 the single-logits-tensor path. Both give the same values and
+    gradients up to float rounding.
+    """
+    if target.dim() != 2:
+        raise ValueError(f"gated_loss needs targets of shape (batch, length), got {tuple(target.shape)}")
+    flat_target = target.reshape(-1)
+    pairs = unlikelihood_candidates(target, ignore_index) if unlikelihood_alpha > 0 else None
+    if chunk_rows > 0:
+        return chunked_gated_loss(
+            features, weight, flat_target, gates, ignore_index, label_smoothing, chunk_rows,
+            pairs, unlikelihood_alpha,
+        )
+    lprobs = log_probs(gated_linear(features, weight, flat_target, gates))
+    loss, nll = label_smoothed_nll_loss(lprobs, flat_target, label_smoothing, ignore_index)
+    if pairs is None:
+        return loss, nll, torch.zeros_like(nll)
+    ul = unlikelihood_loss(lprobs, *pairs)
+    return loss + unlikelihood_alpha * ul, nll, ul

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens per update (default: %(default)s)")
     p.add_argument("--tokens-per-sample", type=int, default=TOKENS_PER_SAMPLE, help="(default: %(default)s)")
     p.add_argument("--only", choices=["mle", "agg"], default=None, help="train only one of the two models")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="train this many models at once, splitting the CPU threads between them "
+                   "(default: %(default)s; 1 trains them one after the other)")
     p.add_argument("--verbose", action="store_true", help="show every fairseq log line, not only the progress lines")
     p.add_argument("--extra", default="", help="extra fairseq-train arguments for both runs (one string)")
     return p
@@ -106,25 +110,50 @@ def resolve_data(data: Optional[Path]) -> Path:
     return folder
 
 
+class LoggedProcess:
+    """A subprocess whose output goes to a log file; the lines ``show`` picks are also
+    printed, prefixed with ``label`` (two of them may run side by side)."""
+
+    def __init__(self, cmd: List[str], log_path: Path, show, label: str, threads: Optional[int] = None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if threads is not None:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(var, str(threads))
+        self.log_path, self.label, self.show = log_path, label, show
+        self.lines: List[str] = []
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.log.write("$ " + " ".join(cmd) + "\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            self.lines.append(line.rstrip("\n"))
+            if self.show(line):
+                print(f"[{self.label}] {_shorten(line.rstrip())}", flush=True)
+
+    def wait(self) -> List[str]:
+        rc = self.proc.wait()
+        self.reader.join()
+        self.log.close()
+        if rc != 0:
+            tail = "\n".join(self.lines[-30:])
+            raise SystemExit(f"fairseq-agg-demo: {self.label} failed (exit {rc}); log: {self.log_path}\n{tail}")
+        return self.lines
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def run_logged(cmd: List[str], log_path: Path, show, label: str) -> List[str]:
-    """Run ``cmd``, stream its output to ``log_path`` and show the lines ``show`` picks."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lines: List[str] = []
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            lines.append(line.rstrip("\n"))
-            if show(line):
-                print(f"[{label}] {_shorten(line.rstrip())}", flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        tail = "\n".join(lines[-30:])
-        raise SystemExit(f"fairseq-agg-demo: {label} failed (exit {rc}); log: {log_path}\n{tail}")
-    return lines
+    return LoggedProcess(cmd, log_path, show, label).wait()
 
 
 def _shorten(line: str) -> str:
@@ -192,16 +221,37 @@ def _progress_line(line: str) -> bool:
     return any(key in line for key in ("| train_inner |", "| valid |", "| train |", "Traceback", "Error"))
 
 
-def train(args, data_bin: Path, name: str) -> Dict:
-    save_dir = args.workdir / name
-    if save_dir.exists():
-        shutil.rmtree(save_dir)  # never resume a previous demo's checkpoint
-    save_dir.mkdir(parents=True)
-    cmd = train_command(args, data_bin, save_dir, agg=(name == "agg"))
-    start = time.time()
-    lines = run_logged(cmd, save_dir / "train.log", (lambda _l: True) if args.verbose else _progress_line, name)
-    seconds = time.time() - start
-    result = {"train_seconds": round(seconds, 1), "log": str(save_dir / "train.log")}
+def train_all(args, data_bin: Path, names: List[str]) -> Dict[str, Dict]:
+    """Train the models, ``args.jobs`` at a time (each with its share of the CPU threads)."""
+    jobs = max(1, min(args.jobs, len(names)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    show = (lambda _line: True) if args.verbose else _progress_line
+    runs: Dict[str, Dict] = {}
+    pending = list(names)
+    while pending:
+        batch, pending = pending[:jobs], pending[jobs:]
+        started = []
+        try:
+            for name in batch:
+                save_dir = args.workdir / name
+                if save_dir.exists():
+                    shutil.rmtree(save_dir)  # never resume a previous demo's checkpoint
+                save_dir.mkdir(parents=True)
+                what = "language_modeling_agg + agg_cross_entropy" if name == "agg" else "language_modeling + cross_entropy"
+                print(f"[{name}] training ({what}), log: {save_dir / 'train.log'}", flush=True)
+                cmd = train_command(args, data_bin, save_dir, agg=(name == "agg"))
+                started.append((name, time.time(), LoggedProcess(cmd, save_dir / "train.log", show, name, threads)))
+            for name, t0, proc in started:
+                lines = proc.wait()
+                runs[name] = summarize_log(lines, time.time() - t0, proc.log_path)
+        finally:
+            for _, _, proc in started:
+                proc.kill()
+    return runs
+
+
+def summarize_log(lines: List[str], seconds: float, log_path: Path) -> Dict:
+    result = {"train_seconds": round(seconds, 1), "log": str(log_path)}
     result.update(parse_validation(lines))
     agg_rare = [float(m.group(1)) for m in (re.search(r"\| agg_rare ([\d.]+)", l) for l in lines if "train_inner" in l) if m]
     if agg_rare:
@@ -315,10 +365,7 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
           f"alpha {args.alpha}, seed {args.seed}", flush=True)
     data_bin = preprocess(data, args.workdir, args.threshold, args.verbose)
     names = [args.only] if args.only else ["mle", "agg"]
-    runs = {}
-    for name in names:
-        print(f"[{name}] training ({'language_modeling_agg + agg_cross_entropy' if name == 'agg' else 'language_modeling + cross_entropy'})", flush=True)
-        runs[name] = train(args, data_bin, name)
+    runs = train_all(args, data_bin, names)
     analyse(args, data_bin, runs)
     table = format_table(runs)
     results = {

@@ -47,6 +47,13 @@ class AggCrossEntropyConfig(FairseqDataclass):
     agg_study_rare_fraction: float = field(
         default=0.2, metadata={"help": "size of the static rare group of --agg-study, as a fraction of the non-special tokens"}
     )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "compute the output layer and loss in chunks of this many positions, so that the "
+            "(positions x vocabulary) logits are never held at once (less memory); 0: one logits tensor"
+        },
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -85,6 +92,8 @@ class AggCriterionBase(FairseqCriterion):
             raise ValueError(f"--agg-window must be a positive number of updates, got {cfg.agg_window}")
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+        if cfg.loss_chunk_size < 0:
+            raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {cfg.loss_chunk_size}")
         if cfg.agg_static_after is not None and cfg.agg_static_after < 1:
             raise ValueError(f"--agg-static-after must be a positive number of updates, got {cfg.agg_static_after}")
         study = str(cfg.agg_study)
@@ -112,7 +121,7 @@ class AggCriterionBase(FairseqCriterion):
         if self.static_gates is not None:
             return self.static_gates
         key, gates = self._gates_cache
-        if key != self.counter.num_updates:
+        if key != self.counter.version:
             gates = core.compute_gates(
                 self.counter.average(),
                 self.cfg.agg_alpha,
@@ -120,24 +129,44 @@ class AggCriterionBase(FairseqCriterion):
                 use_g1=not self.cfg.agg_no_g1,
                 use_g2=not self.cfg.agg_no_g2,
             )
-            self._gates_cache = (self.counter.num_updates, gates)
+            self._gates_cache = (self.counter.version, gates)
         return gates
 
-    def features_and_logits(self, model, sample):
-        """One decoder pass; logits whose W-gradient is gated while training."""
+    unlikelihood_alpha = 0.0
+    logs_unlikelihood = False
+
+    def forward(self, model, sample, reduce=True):
+        if not reduce:
+            raise ValueError(f"{self.criterion_name()} only computes summed losses (reduce=True)")
         features, extra = model(**sample["net_input"], features_only=True)
-        weight = output_projection_weight(model)
-        target = model.get_targets(sample, (features, extra)).reshape(-1)
-        flat = features.reshape(-1, features.size(-1))
+        target = model.get_targets(sample, (features, extra))
         gates = self.current_gates() if self.training and torch.is_grad_enabled() else None
-        return core.gated_linear(flat, weight, target, gates), target
+        loss, nll, ul = core.gated_loss(
+            features.reshape(-1, features.size(-1)),
+            output_projection_weight(model),
+            target,
+            gates,
+            ignore_index=self.padding_idx,
+            label_smoothing=self.eps,
+            unlikelihood_alpha=self.unlikelihood_alpha,
+            chunk_rows=self.cfg.loss_chunk_size,
+        )
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **self.logging_extras(),
+        }
+        if self.logs_unlikelihood:
+            logging_output["ul_loss"] = ul.data
+        return loss, sample_size, logging_output
 
     def logging_extras(self) -> dict:
         # Summable so that fairseq can all-reduce logs on CPU workers.
         return {"agg_rare": self.current_gates().num_rare, "agg_logs": 1}
-
-    def sample_size(self, sample):
-        return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
     @staticmethod
     def reduce_agg_metrics(logging_outputs) -> None:
@@ -163,23 +192,6 @@ class AggCrossEntropyCriterion(AggCriterionBase):
     """Cross-entropy (optionally label-smoothed) whose output-embedding gradient is gated
     by AGG. Loss values and feature gradients are exactly those of fairseq's
     ``cross_entropy`` / ``label_smoothed_cross_entropy``."""
-
-    def forward(self, model, sample, reduce=True):
-        if not reduce:
-            raise ValueError("agg_cross_entropy only computes summed losses (reduce=True)")
-        logits, target = self.features_and_logits(model, sample)
-        lprobs = core.log_probs(logits)
-        loss, nll_loss = core.label_smoothed_nll_loss(lprobs, target, self.eps, self.padding_idx)
-        sample_size = self.sample_size(sample)
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            **self.logging_extras(),
-        }
-        return loss, sample_size, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

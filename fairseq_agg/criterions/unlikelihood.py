@@ -3,14 +3,17 @@
 
 from dataclasses import dataclass, field
 
-import torch
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_agg import core
-from fairseq_agg.criterions.agg_cross_entropy import AggCriterionBase, AggCrossEntropyConfig
+from fairseq_agg.criterions.agg_cross_entropy import (
+    AggCriterionBase,
+    AggCrossEntropyConfig,
+    output_projection_weight,
+)
 
 
 def _unlikelihood_alpha_field():
@@ -22,34 +25,12 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"--unlikelihood-alpha must be >= 0, got {alpha}")
 
 
-def mle_and_unlikelihood(logits, target2d, epsilon, padding_idx, alpha):
-    """Summed (loss, nll, ul) for logits of shape (B*T, V) and targets (B, T)."""
-    lprobs = core.log_probs(logits)
-    target = target2d.reshape(-1)
-    mle, nll = core.label_smoothed_nll_loss(lprobs, target, epsilon, padding_idx)
-    if alpha == 0:
-        return mle, nll, torch.zeros_like(nll)
-    rows, tokens = core.unlikelihood_candidates(target2d, padding_idx)
-    ul = core.unlikelihood_loss(lprobs, rows, tokens)
-    return mle + alpha * ul, nll, ul
-
-
-def _logging_output(loss, nll, ul, sample, sample_size):
-    return {
-        "loss": loss.data,
-        "nll_loss": nll.data,
-        "ul_loss": ul.data,
-        "ntokens": sample["ntokens"],
-        "nsentences": sample["target"].size(0),
-        "sample_size": sample_size,
-    }
-
-
-def _reduce_ul(logging_outputs):
+def _reduce_metrics(logging_outputs) -> None:
+    AggCriterionBase.reduce_agg_metrics(logging_outputs)
     ul_sum = sum(log.get("ul_loss", 0) for log in logging_outputs)
     ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
     if ntokens > 0:
-        # Natural-log units per token, like Welleck et al.'s tables.
+        # Natural-log units per token, as in Welleck et al.
         metrics.log_scalar("ul_loss", ul_sum / ntokens, ntokens, round=4)
 
 
@@ -57,36 +38,54 @@ def _reduce_ul(logging_outputs):
 class UnlikelihoodCrossEntropyConfig(FairseqDataclass):
     unlikelihood_alpha: float = _unlikelihood_alpha_field()
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon for label smoothing of the MLE term"})
+    loss_chunk_size: int = field(
+        default=0, metadata={"help": "as for agg_cross_entropy: positions per output-layer chunk, 0 for none"}
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
 @register_criterion("unlikelihood_cross_entropy", dataclass=UnlikelihoodCrossEntropyConfig)
 class UnlikelihoodCrossEntropyCriterion(FairseqCriterion):
-    """MLE plus token-level unlikelihood on earlier targets of the same sequence."""
+    """MLE plus token-level unlikelihood on the earlier targets of the same sequence. Works
+    with any language-modelling or translation task."""
 
-    def __init__(self, task, unlikelihood_alpha, label_smoothing, sentence_avg):
+    def __init__(self, task, cfg: UnlikelihoodCrossEntropyConfig):
         super().__init__(task)
-        _check_alpha(unlikelihood_alpha)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
-        self.alpha = unlikelihood_alpha
-        self.eps = label_smoothing
-        self.sentence_avg = sentence_avg
+        _check_alpha(cfg.unlikelihood_alpha)
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+        if cfg.loss_chunk_size < 0:
+            raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {cfg.loss_chunk_size}")
+        self.cfg = cfg
 
     def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
-        logits = net_output[0]
-        target2d = model.get_targets(sample, net_output)
-        loss, nll, ul = mle_and_unlikelihood(
-            logits.reshape(-1, logits.size(-1)), target2d, self.eps, self.padding_idx, self.alpha
+        if not reduce:
+            raise ValueError("unlikelihood_cross_entropy only computes summed losses (reduce=True)")
+        features, extra = model(**sample["net_input"], features_only=True)
+        loss, nll, ul = core.gated_loss(
+            features.reshape(-1, features.size(-1)),
+            output_projection_weight(model),
+            model.get_targets(sample, (features, extra)),
+            None,
+            ignore_index=self.padding_idx,
+            label_smoothing=self.cfg.label_smoothing,
+            unlikelihood_alpha=self.cfg.unlikelihood_alpha,
+            chunk_rows=self.cfg.loss_chunk_size,
         )
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        return loss, sample_size, _logging_output(loss, nll, ul, sample, sample_size)
+        sample_size = sample["target"].size(0) if self.cfg.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll.data,
+            "ul_loss": ul.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        return loss, sample_size, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        AggCriterionBase.reduce_agg_metrics(logging_outputs)
-        _reduce_ul(logging_outputs)
+        _reduce_metrics(logging_outputs)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
@@ -103,26 +102,17 @@ class AggUnlikelihoodCriterion(AggCriterionBase):
     """Unlikelihood training with AGG. The gate applies to the output-embedding gradient of
     the whole objective (MLE and UL terms alike); the feature path stays ungated."""
 
+    logs_unlikelihood = True
+
     def __init__(self, task, cfg: AggUnlikelihoodConfig):
         super().__init__(task, cfg)
         _check_alpha(cfg.unlikelihood_alpha)
-        self.alpha = cfg.unlikelihood_alpha
+        self.unlikelihood_alpha = cfg.unlikelihood_alpha
 
     @classmethod
     def criterion_name(cls):
         return "agg_unlikelihood"
 
-    def forward(self, model, sample, reduce=True):
-        if not reduce:
-            raise ValueError("agg_unlikelihood only computes summed losses (reduce=True)")
-        logits, _ = self.features_and_logits(model, sample)
-        target2d = sample["target"]
-        loss, nll, ul = mle_and_unlikelihood(logits, target2d, self.eps, self.padding_idx, self.alpha)
-        sample_size = self.sample_size(sample)
-        logging_output = {**_logging_output(loss, nll, ul, sample, sample_size), **self.logging_extras()}
-        return loss, sample_size, logging_output
-
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        cls.reduce_agg_metrics(logging_outputs)
-        _reduce_ul(logging_outputs)
+        _reduce_metrics(logging_outputs)

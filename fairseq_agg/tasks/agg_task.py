@@ -1,6 +1,7 @@
 """What the AGG criteria need from a task: the update clock, counting of training targets
 summed over micro-batches and workers, and the counter in the checkpoint."""
 
+import argparse
 import logging
 import math
 from typing import Optional
@@ -11,6 +12,13 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq_agg.core import TokenCounter
 
 logger = logging.getLogger(__name__)
+
+# fairseq 0.12 loads checkpoints with torch.load's default, weights_only=True since torch 2.6;
+# checkpoints of architectures configured through argparse (transformer_wmt_en_de and the other
+# translation models) hold an argparse.Namespace, so without this neither resuming nor
+# fairseq-generate could load them.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 class AggCounterState(torch.nn.Module):
