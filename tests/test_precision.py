@@ -7,8 +7,9 @@ import torch
 from fairseq_agg import core
 
 
+@pytest.mark.parametrize("chunk_rows", [0, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gated_gradients_in_low_precision_track_float64(dtype):
+def test_gated_gradients_in_low_precision_track_float64(dtype, chunk_rows):
     torch.manual_seed(0)
     rows, dim, vocab = 64, 16, 40
     h64 = torch.randn(rows, dim, dtype=torch.float64)
@@ -21,7 +22,8 @@ def test_gated_gradients_in_low_precision_track_float64(dtype):
     def grads(h, w):
         h = h.clone().requires_grad_()
         w = w.clone().requires_grad_()
-        loss, _ = core.gated_cross_entropy(h, w, target, gates, ignore_index=1, label_smoothing=0.1)
+        loss, _, _ = core.gated_loss(h, w, target.view(4, -1), gates, ignore_index=1, label_smoothing=0.1,
+                                     unlikelihood_alpha=0.5, chunk_rows=chunk_rows)
         loss.backward()
         return loss, h.grad, w.grad
 
@@ -37,6 +39,7 @@ def test_gated_gradients_in_low_precision_track_float64(dtype):
     # The gate did its work in low precision too: rare rows are damped relative to ungated.
     h = h64.to(dtype).requires_grad_()
     w = w64.to(dtype).requires_grad_()
-    plain, _ = core.gated_cross_entropy(h, w, target, None, ignore_index=1, label_smoothing=0.1)
+    plain, _, _ = core.gated_loss(h, w, target.view(4, -1), None, ignore_index=1, label_smoothing=0.1,
+                                  unlikelihood_alpha=0.5, chunk_rows=chunk_rows)
     plain.backward()
     assert not torch.allclose(w.grad.double(), gw.double())

@@ -228,3 +228,31 @@ def test_fairseq_train_runs_end_to_end(lm_data, tmp_path, criterion):
     assert "ul_loss=" in log and "num_updates=3" in log
     assert ("agg_rare=" in log) == (criterion == "agg_unlikelihood")
     assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("criterion_args", [
+    ["--criterion", "agg_cross_entropy", "--label-smoothing", "0.1"],
+    ["--criterion", "agg_unlikelihood"],
+    ["--criterion", "unlikelihood_cross_entropy"],
+], ids=["agg_cross_entropy", "agg_unlikelihood", "unlikelihood_cross_entropy"])
+def test_chunked_output_layer_equals_the_single_logits_pass(lm_data, criterion_args):
+    args = train_args(lm_data, "--agg-alpha", "0.5", "--dropout", "0") + criterion_args
+    if criterion_args[1] == "unlikelihood_cross_entropy":
+        args = [a for a in args if a not in ("--agg-alpha", "0.5")]
+    task, model, whole = build(args)
+    model.double()
+    sample = _sample_and_counter(task, model)
+    _, _, chunked = build(args + ["--loss-chunk-size", "7"])
+    if hasattr(whole, "counter"):
+        chunked.counter = whole.counter
+        assert whole.current_gates().num_rare > 0
+    whole.train(), chunked.train(), model.train()
+    loss_a, log_a, grads_a = _loss_and_grads(whole, model, sample)
+    loss_b, log_b, grads_b = _loss_and_grads(chunked, model, sample)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-12, atol=0)
+    for key in ("nll_loss", "ul_loss"):
+        if key in log_a:
+            assert torch.allclose(log_a[key], log_b[key], rtol=1e-12, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-13), name
