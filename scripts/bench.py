@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Step time and peak memory of the output layer + loss: fairseq's ``cross_entropy``, the
+paper's naive three-logit AGG, and fairseq-agg's AGG (one logits tensor, and chunked).
+
+Each measurement is one training step (forward and backward) of the same model on the same
+batch: a ``transformer_lm`` decoder whose size you choose, a vocabulary of V tokens and
+Zipf-distributed targets (so that the rare group and the rare-target rows are realistic), the
+AGG gates coming from a token counter fed with such batches.
+
+    python scripts/bench.py                              # CPU, a quick grid
+    python scripts/bench.py --device cuda --dtype fp16 --vocab 44256 --tokens 8192 --dim 1024 --layers 24
+
+Prints a table and writes JSON (--json). Times are medians over --steps steps after
+--warmup steps; ratios are against fairseq's cross_entropy in the same run. Peak memory is
+``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the growth of the process's peak
+resident set during the step (large allocations are forced to mmap so that freed memory is
+returned and the peak is the peak of live tensors).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    # glibc otherwise keeps freed large blocks, which hides the peak of live tensors.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fairseq_agg import core  # noqa: E402
+
+METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked"]
+
+
+def build_model(vocab, dim, layers, heads, device, dtype):
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary
+    from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture
+
+    dictionary = Dictionary()
+    for i in range(vocab - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    args = Namespace(
+        decoder_layers=layers, decoder_embed_dim=dim, decoder_ffn_embed_dim=4 * dim,
+        decoder_attention_heads=heads, share_decoder_input_output_embed=True, dropout=0.0,
+        tokens_per_sample=2048, max_target_positions=2048,
+    )
+    base_lm_architecture(args)
+    task = Namespace(source_dictionary=dictionary, target_dictionary=dictionary)
+    model = TransformerLanguageModel.build_model(args, task).to(device=device, dtype=dtype)
+    return model, dictionary
+
+
+def zipf_tokens(shape, vocab, nspecial, generator):
+    ranks = torch.arange(1, vocab - nspecial + 1, dtype=torch.float64)
+    probs = 1.0 / ranks
+    draws = torch.multinomial(probs / probs.sum(), int(torch.tensor(shape).prod()), replacement=True, generator=generator)
+    return (draws + nspecial).view(shape)
+
+
+def fairseq_ce_loss(model, sample, criterion):
+    loss, _, _ = criterion(model, sample)
+    return loss
+
+
+def naive_three_logit_loss(model, sample, gates, pad):
+    """The paper's eqs. 9-10, as the original research code computed it."""
+    features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+    h = features.reshape(-1, features.size(-1))
+    w = model.decoder.output_projection.weight
+    y = sample["target"].reshape(-1)
+    rare_row = gates.rare[y]
+    g1 = torch.where(gates.rare, gates.g1, torch.ones_like(gates.g1)).to(h.dtype).expand(y.numel(), -1).clone()
+    g2 = gates.g2.to(h.dtype).expand(y.numel(), -1).clone()
+    g1.scatter_(1, y.unsqueeze(1), 1.0)
+    g2.scatter_(1, y.unsqueeze(1), 1.0)
+    z0 = h @ w.detach().t()
+    z1 = g1 * (h.detach() @ w.t()) + (1 - g1) * (h.detach() @ w.detach().t())
+    z2 = g2 * (h.detach() @ w.t()) + (1 - g2) * (h.detach() @ w.detach().t())
+
+    def nll(z):
+        return F.nll_loss(F.log_softmax(z.float(), -1), y, ignore_index=pad, reduction="none")
+
+    return nll(z0).sum() + (nll(z1) * (~rare_row)).sum() + (nll(z2) * rare_row).sum()
+
+
+def agg_loss(model, sample, gates, pad, chunk_rows):
+    features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+    loss, _, _ = core.gated_loss(
+        features.reshape(-1, features.size(-1)), model.decoder.output_projection.weight,
+        sample["target"], gates, ignore_index=pad, chunk_rows=chunk_rows,
+    )
+    return loss
+
+
+def peak_rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def current_rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(step, model, device, warmup, steps):
+    times, peaks = [], []
+    for i in range(warmup + steps):
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset_peak_rss()
+            base = current_rss_kb() * 1024
+        start = time.perf_counter()
+        step().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = peak_rss_kb() * 1024 - base
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            peaks.append(peak)
+    return statistics.median(times), max(peaks)
+
+
+def run_config(args, vocab, tokens, device, dtype):
+    from argparse import Namespace
+
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model, dictionary = build_model(vocab, args.dim, args.layers, args.heads, device, dtype)
+    model.train()
+    pad, nspecial = dictionary.pad(), dictionary.nspecial
+    seq_len = min(args.seq_len, tokens)
+    bsz = tokens // seq_len
+    tokens_in = zipf_tokens((bsz, seq_len), vocab, nspecial, generator).to(device)
+    sample = {
+        "net_input": {"src_tokens": tokens_in, "src_lengths": torch.full((bsz,), seq_len, device=device)},
+        "target": torch.roll(tokens_in, -1, dims=1),
+        "ntokens": tokens,
+    }
+    counter = core.TokenCounter(vocab, nspecial, window=args.window)
+    for _ in range(args.window):
+        counter.add(zipf_tokens((tokens,), vocab, nspecial, generator), pad)
+        counter.commit()
+    gates = core.compute_gates(counter.average(), args.alpha, nspecial).to(device)
+    criterion = CrossEntropyCriterion(Namespace(target_dictionary=dictionary), sentence_avg=False)
+    steps = {
+        "fairseq_ce": lambda: fairseq_ce_loss(model, sample, criterion),
+        "naive_3logit": lambda: naive_three_logit_loss(model, sample, gates, pad),
+        "agg": lambda: agg_loss(model, sample, gates, pad, 0),
+        "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk),
+    }
+    rare_rows = float(gates.rare[sample["target"]].float().mean())
+    results = {}
+    for name in args.methods:
+        t, m = measure(steps[name], model, device, args.warmup, args.steps)
+        results[name] = {"time_s": t, "peak_bytes": m}
+        print(f"  {name:<13} {t * 1e3:9.1f} ms  {m / 2**20:9.1f} MiB", file=sys.stderr, flush=True)
+    return {"vocab": vocab, "tokens": tokens, "rare_tokens": gates.num_rare, "rare_target_fraction": rare_rows,
+            "methods": results}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 32768, 50000])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="tokens per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.03, help="AGG alpha, scaled by tokens per update below")
+    parser.add_argument("--window", type=int, default=20, help="updates fed to the counter before measuring")
+    parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk of agg_chunked")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}, dtype: {args.dtype}, model: {args.layers} layers d={args.dim}", file=sys.stderr)
+    rows = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            print(f"vocab {vocab}, {tokens} tokens:", file=sys.stderr, flush=True)
+            rows.append(run_config(args, vocab, tokens, device, dtype))
+    header = "| vocab | tokens | rare tokens | " + " | ".join(
+        f"{m} ms (x CE) | {m} MiB (x CE)" for m in args.methods) + " |"
+    print(header)
+    print("|" + "---|" * (3 + 2 * len(args.methods)))
+    for row in rows:
+        base = row["methods"].get("fairseq_ce")
+        cells = []
+        for m in args.methods:
+            r = row["methods"][m]
+            t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
+            m_ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x)" if base and base["peak_bytes"] > 0 else ""
+            cells += [f"{r['time_s'] * 1e3:.1f}{t_ratio}", f"{r['peak_bytes'] / 2**20:.1f}{m_ratio}"]
+        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "dtype": args.dtype, "dim": args.dim, "layers": args.layers,
+                       "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
