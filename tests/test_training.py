@@ -326,3 +326,28 @@ def test_study_freeze_keeps_rare_rows(ablation_runs, lm_data):
     # The others trained (Adam with weight decay moves every one of them).
     assert not torch.equal(after3[key][~rare], initial[~rare])
     assert not torch.equal(after1[key][~rare], after3[key][~rare])
+
+
+def test_exported_checkpoint_loads_in_stock_fairseq(lm_runs, lm_data, tmp_path):
+    """fairseq_agg.export makes a checkpoint that fairseq-eval-lm scores without the plug-in,
+    with the same perplexity as the plug-in's own task."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    exported = tmp_path / "plain.pt"
+    subprocess.run([sys.executable, "-m", "fairseq_agg.export", str(lm_runs["full"].save_dir / "checkpoint_last.pt"),
+                    str(exported)], check=True, env=subprocess_env())
+    state = torch.load(exported, map_location="cpu", weights_only=False)
+    assert COUNTER_KEY not in state["model"] and state["cfg"]["task"]["_name"] == "language_modeling"
+    result = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.eval_lm", str(lm_data), "--path", str(exported), "--cpu",
+         "--gen-subset", "test", "--tokens-per-sample", "32", "--context-window", "16", "--max-tokens", "256",
+         "--num-workers", "0", "--no-progress-bar"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = re.search(r"Perplexity: ([0-9.]+)", result.stdout + result.stderr)
+    with_plugin = re.search(r"Perplexity: ([0-9.]+)", lm_runs["eval_lm"].log)
+    assert plain and with_plugin and plain.group(1) == with_plugin.group(1)

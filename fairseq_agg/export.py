@@ -1,0 +1,70 @@
+"""Turn a checkpoint trained with the plug-in into one that stock fairseq loads without it.
+
+    python -m fairseq_agg.export checkpoint_best.pt checkpoint_best.plain.pt
+
+Drops the AGG token counter and renames task and criterion to fairseq's own
+(``language_modeling``, ``translation``; ``cross_entropy`` or ``label_smoothed_cross_entropy``).
+The model weights are untouched. Use it to share a model, or before tools such as
+fairseq's ``scripts/average_checkpoints.py`` that expect tensors only.
+"""
+
+import argparse
+import sys
+
+import torch
+
+COUNTER_KEY = "agg_counter._extra_state"
+STOCK_TASKS = {"language_modeling_agg": "language_modeling", "translation_agg": "translation"}
+# Config keys the plug-in's tasks add to the stock ones.
+PLUGIN_TASK_KEYS = {"language_modeling_agg": ("train_subset", "update_freq", "amp"), "translation_agg": ("update_freq", "amp")}
+
+
+def export_state(state: dict) -> dict:
+    from omegaconf import OmegaConf, open_dict
+
+    state["model"].pop(COUNTER_KEY, None)
+    cfg = state.get("cfg")
+    if cfg is None:
+        raise ValueError("this checkpoint has no 'cfg': it was not written by fairseq >= 0.10")
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(cfg)
+    with open_dict(cfg):
+        task_name = cfg.task.get("_name")
+        if task_name in STOCK_TASKS:
+            cfg.task._name = STOCK_TASKS[task_name]
+            for key in PLUGIN_TASK_KEYS[task_name]:
+                cfg.task.pop(key, None)
+        criterion = cfg.get("criterion")
+        if criterion is not None and str(criterion.get("_name", "")).startswith(("agg_", "unlikelihood_")):
+            smoothing = float(criterion.get("label_smoothing", 0.0))
+            cfg.criterion = OmegaConf.create(
+                {"_name": "label_smoothed_cross_entropy", "label_smoothing": smoothing,
+                 "sentence_avg": bool(criterion.get("sentence_avg", False))}
+                if smoothing > 0 else
+                {"_name": "cross_entropy", "sentence_avg": bool(criterion.get("sentence_avg", False))}
+            )
+        if cfg.get("common") is not None:
+            cfg.common.user_dir = None
+    # Saved as plain containers, as fairseq's trainer does, so that torch.load's
+    # weights-only default accepts the file.
+    state["cfg"] = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    state.pop("task_state", None)
+    return state
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint written by fairseq-train with the plug-in")
+    parser.add_argument("output", help="where to write the stock-fairseq checkpoint")
+    args = parser.parse_args(argv)
+    if args.checkpoint == args.output:
+        parser.error("write the exported checkpoint to another file")
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if COUNTER_KEY not in state.get("model", {}):
+        print(f"note: {args.checkpoint} holds no AGG counter", file=sys.stderr)
+    torch.save(export_state(state), args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
