@@ -35,8 +35,9 @@ def read_trace(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def runs(lm_data, tmp_path_factory):
+@pytest.fixture(scope="module", params=["agg_cross_entropy", "agg_unlikelihood"])
+def runs(request, lm_data, tmp_path_factory):
+    criterion = request.param
     root = tmp_path_factory.mktemp("distributed")
     port = free_port()
     workers = []
@@ -46,13 +47,13 @@ def runs(lm_data, tmp_path_factory):
             "--distributed-world-size", 2, "--distributed-rank", rank, "--distributed-no-spawn",
             "--distributed-init-method", f"tcp://127.0.0.1:{port}",
             "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
-            task="language_modeling_agg_traced", traced=True,
+            task="language_modeling_agg_traced", traced=True, criterion=criterion,
             env={"AGG_TRACE_DIR": str(root)}, name=f"worker {rank}",
         ))
     (root / "single").mkdir()
     single = lm_train(
         lm_data, root / "single" / "ckpt", *AGG, "--update-freq", 2,
-        task="language_modeling_agg_traced", traced=True,
+        task="language_modeling_agg_traced", traced=True, criterion=criterion,
         env={"AGG_TRACE_DIR": str(root / "single")}, name="update-freq 2",
     )
     run_all([*workers, single], parallel=3)  # the two workers must run together

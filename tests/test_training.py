@@ -351,3 +351,20 @@ def test_exported_checkpoint_loads_in_stock_fairseq(lm_runs, lm_data, tmp_path):
     plain = re.search(r"Perplexity: ([0-9.]+)", result.stdout + result.stderr)
     with_plugin = re.search(r"Perplexity: ([0-9.]+)", lm_runs["eval_lm"].log)
     assert plain and with_plugin and plain.group(1) == with_plugin.group(1)
+
+
+@pytest.mark.parametrize("criterion", ["agg_unlikelihood", "unlikelihood_cross_entropy"])
+def test_unlikelihood_stop_and_resume_is_bit_identical(lm_data, tmp_path, criterion):
+    extra = AGG_LM if criterion.startswith("agg_") else []
+    full = lm_train(lm_data, tmp_path / "full", *extra, "--max-update", 4, criterion=criterion, name="full")
+    first = lm_train(lm_data, tmp_path / "resumed", *extra, "--max-update", 2, criterion=criterion, name="first")
+    run_all([full, first])
+    resumed = lm_train(lm_data, tmp_path / "resumed", *extra, "--max-update", 4, criterion=criterion, name="resumed")
+    run_all([resumed])
+    a, b = full.checkpoint(), resumed.checkpoint()
+    assert b["optimizer_history"][-1]["num_updates"] == 4
+    assert_counter_states_equal(a["model"][COUNTER_KEY], b["model"][COUNTER_KEY])
+    assert a["model"][COUNTER_KEY]["num_updates"] == 4
+    assert_params_identical(a, b)
+    tail = [(r["num_updates"], r["loss"], r["ul_loss"]) for r in full.records["train_inner"][2:]]
+    assert [(r["num_updates"], r["loss"], r["ul_loss"]) for r in resumed.records["train_inner"]] == tail
