@@ -28,8 +28,7 @@ __all__ = [
     "constant_gates",
     "static_rare_mask",
     "gated_linear",
-    "gate_matrix",
-    "gate_weight_gradient",
+    "add_rare_row_correction",
     "label_smoothed_nll_loss",
     "gated_cross_entropy",
     "log_probs",
@@ -48,16 +47,19 @@ class Gates:
     rare: torch.Tensor  # bool
     g1: torch.Tensor  # float32, 1 where not rare
     g2: torch.Tensor  # float32, 1 where not rare
+    num_rare: Optional[int] = None  # counted once here, so that users never sync with the device
 
-    @property
-    def num_rare(self) -> int:
-        return int(self.rare.sum().item())
+    def __post_init__(self):
+        if self.num_rare is None:
+            self.num_rare = int(self.rare.sum())
 
     def is_identity(self) -> bool:
-        return not bool(self.rare.any())
+        return self.num_rare == 0
 
     def to(self, device) -> "Gates":
-        return Gates(self.rare.to(device), self.g1.to(device), self.g2.to(device))
+        if self.rare.device == torch.device(device):
+            return self
+        return Gates(self.rare.to(device), self.g1.to(device), self.g2.to(device), self.num_rare)
 
 
 def compute_gates(
@@ -95,13 +97,20 @@ def constant_gates(rare: torch.Tensor, g1_value: float, g2_value: float) -> Gate
     return Gates(rare.clone(), g1, g2)
 
 
-def static_rare_mask(counts: torch.Tensor, nspecial: int, fraction: float = 0.2) -> torch.Tensor:
+def static_rare_mask(
+    counts: torch.Tensor, nspecial: int, fraction: float = 0.2, exclude: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The ``fraction`` least frequent non-special tokens by corpus count (ties broken by
-    dictionary index, so the group is deterministic)."""
+    dictionary index, so the group is deterministic). ``exclude`` (bool, per token) marks
+    symbols that are no tokens at all, such as fairseq's padding words ``madeupword*``."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"rare fraction must lie in (0, 1), got {fraction}")
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    candidates = torch.arange(nspecial, counts.numel())
+    eligible = torch.ones(counts.numel(), dtype=torch.bool)
+    eligible[:nspecial] = False
+    if exclude is not None:
+        eligible &= ~exclude
+    candidates = eligible.nonzero().squeeze(1)
     n_rare = int(fraction * candidates.numel())
     order = torch.sort(counts[candidates], stable=True).indices
     rare = torch.zeros(counts.numel(), dtype=torch.bool)
@@ -109,42 +118,38 @@ def static_rare_mask(counts: torch.Tensor, nspecial: int, fraction: float = 0.2)
     return rare
 
 
-def gate_matrix(target: torch.Tensor, gates: Gates) -> torch.Tensor:
-    """Dense (M, N) gate of eq. 23: g1 on rows with a non-rare target, g2 on rows with a
-    rare target, and 1 on each row's own target column."""
-    target = target.reshape(-1)
-    row_is_rare = gates.rare[target]
-    gate = torch.where(row_is_rare.unsqueeze(1), gates.g2.unsqueeze(0), gates.g1.unsqueeze(0))
-    gate.scatter_(1, target.unsqueeze(1), 1.0)
-    return gate
-
-
-def gate_weight_gradient(
-    ungated: torch.Tensor,
-    grad_logits_rare_rows: torch.Tensor,
-    features_rare_rows: torch.Tensor,
-    targets_rare_rows: torch.Tensor,
+def add_rare_row_correction(
+    out: torch.Tensor,
+    grad_logits: torch.Tensor,
+    features: torch.Tensor,
+    target: torch.Tensor,
     gates: Gates,
 ) -> torch.Tensor:
-    """(D * Gate)^T H from the ungated D^T H without a (rows x vocabulary) gate.
+    """Adds to ``out`` what turns diag(g1) D^T H into the gated (D * Gate)^T H.
 
     Gate[i, k] is g1[k] on rows whose target is not rare and g2[k] on rows whose target is
-    rare, with 1 on each row's own target. So (D * Gate)^T H = diag(g1) D^T H
-    + diag(g2 - g1) D_r^T H_r + (1 - g2[y_i]) D[i, y_i] h_i added to row y_i for the rare-target
-    rows r: only the (few) rows with a rare target cost anything beyond the plain gradient.
-    ``ungated`` is modified in place and returned.
+    rare, with 1 on each row's own target column, so
+    (D * Gate)^T H = diag(g1) D^T H + diag(g2 - g1) D_r^T H_r + sum_r (1 - g2[y_r]) D[r, y_r] e_{y_r} h_r^T
+    over the rows r whose target is rare. No (rows x vocabulary) gate is ever built.
     """
-    ungated *= gates.g1.to(ungated.dtype).unsqueeze(1)
-    if targets_rare_rows.numel() == 0:
-        return ungated
-    d_r = grad_logits_rare_rows.to(ungated.dtype)
-    h_r = features_rare_rows.to(ungated.dtype)
-    g1, g2 = gates.g1.to(ungated.dtype), gates.g2.to(ungated.dtype)
-    ungated += (g2 - g1).unsqueeze(1) * d_r.t().matmul(h_r)
-    d_target = d_r.gather(1, targets_rare_rows.unsqueeze(1))
-    own = (1.0 - g2[targets_rare_rows]).unsqueeze(1)
-    ungated.index_add_(0, targets_rare_rows, own * d_target * h_r)
-    return ungated
+    row_is_rare = gates.rare[target]
+    rows = row_is_rare.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return out
+    g1, g2 = gates.g1.to(out.dtype), gates.g2.to(out.dtype)
+    if 4 * rows.numel() <= target.numel():
+        # Few rare-target rows (the usual case): gather them.
+        d_r_t_h_r = grad_logits[rows].to(out.dtype).t().matmul(features[rows].to(out.dtype))
+    else:
+        # Many (early in training every token is rare): mask the features instead of
+        # copying most of the logits' gradient.
+        masked = features.to(out.dtype) * row_is_rare.unsqueeze(1).to(out.dtype)
+        d_r_t_h_r = grad_logits.to(out.dtype).t().matmul(masked)
+    out += (g2 - g1).unsqueeze(1) * d_r_t_h_r
+    y_r = target[rows]
+    own = (1.0 - g2[y_r]) * grad_logits[rows, y_r].to(out.dtype)
+    out.index_add_(0, y_r, own.unsqueeze(1) * features[rows].to(out.dtype))
+    return out
 
 
 class _GatedLinear(torch.autograd.Function):
@@ -164,12 +169,9 @@ class _GatedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Gating happens in float32 at least, whatever the training precision.
             acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
-            ungated = grad_logits.t().matmul(features).to(acc_dtype)
-            rows = rare[target].nonzero().squeeze(1)
-            gated = gate_weight_gradient(
-                ungated, grad_logits[rows], features[rows], target[rows], Gates(rare, g1, g2)
-            )
-            grad_weight = gated.to(weight.dtype)
+            gates = Gates(rare, g1, g2, num_rare=-1)
+            gated = grad_logits.t().matmul(features).to(acc_dtype) * g1.to(acc_dtype).unsqueeze(1)
+            grad_weight = add_rare_row_correction(gated, grad_logits, features, target, gates).to(weight.dtype)
         return grad_features, grad_weight, None, None, None, None
 
 
@@ -274,6 +276,8 @@ class TokenCounter:
     # -- counting -------------------------------------------------------------------
     def to(self, device) -> "TokenCounter":
         device = torch.device(device)
+        if device == self.device:
+            return self
         self.device = device
         self.window_sum = self.window_sum.to(device)
         self.pending = self.pending.to(device)
@@ -302,11 +306,11 @@ class TokenCounter:
         pending = self.pending
         if all_reduce is not None:
             pending = all_reduce(pending)
-        self.version += 1
         if self.frozen:
             self.num_updates += 1
             self.pending = torch.zeros_like(self.window_sum)
             return
+        self.version += 1
         ids = pending.nonzero().squeeze(1)
         counts = pending[ids]
         self.window_sum += pending
@@ -395,7 +399,7 @@ def unlikelihood_candidates(target: torch.Tensor, padding_idx: Optional[int]) ->
     For position t of sequence b, the candidates are the distinct tokens among the earlier
     targets target[b, :t] of the *same* sequence, minus target[b, t] and padding; padding
     positions have none. Returns (flat position index b*T + t, candidate token id) pairs.
-    The work is O(B x T x distinct tokens per sequence), never B x T x vocabulary.
+    The work and memory are O(B x T^2) booleans, never B x T x vocabulary.
     """
     if target.dim() != 2:
         raise ValueError(f"unlikelihood candidates need targets of shape (batch, length), got {tuple(target.shape)}")
@@ -426,36 +430,34 @@ def unlikelihood_loss(lprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Te
     return -torch.log(one_minus).sum()
 
 
-# Below this size of the low-precision gradient, float16 would flush it to zero; the
-# chunked path scales it up before the float16 matmul and back down after (as loss scaling
-# does for the unchunked path).
-_FP16_GRAD_SCALE = 1024.0
-
-
 class _ChunkedGatedLoss(torch.autograd.Function):
     """(Label-smoothed) cross-entropy [+ unlikelihood] of ``features @ weight.T`` computed
     chunk by chunk of rows: each chunk's logits are made, turned into the loss and into
     their share of both gradients, and freed. The gradients (W path gated as eq. 23) are
-    kept for backward; no (rows x vocabulary) tensor outlives a chunk."""
+    kept, in float32 at least, for backward; no (rows x vocabulary) tensor outlives a chunk."""
 
     @staticmethod
     def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
                 ul_rows, ul_tokens, ul_alpha):
         rows_total, vocab = features.size(0), weight.size(0)
         acc_dtype = torch.promote_types(features.dtype, torch.float32)
+        # float16 gradients summed over a chunk's rows can pass 65504 before any loss scale
+        # applies; their matmuls run in float32. bfloat16 has float32's range.
+        mm_dtype = torch.float32 if features.dtype == torch.float16 else features.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_scale = _FP16_GRAD_SCALE if features.dtype == torch.float16 else 1.0
         grad_features = torch.empty(features.shape, dtype=acc_dtype, device=features.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        gates = Gates(rare, g1, g2) if rare is not None else None
+        gates = Gates(rare, g1, g2, num_rare=-1) if rare is not None else None
+        correction = torch.zeros_like(grad_weight) if need_w and gates is not None else None
+        weight_mm = weight.to(mm_dtype) if need_h else None
         eps_i = epsilon / (vocab - 1)
         loss = torch.zeros((), dtype=acc_dtype, device=features.device)
         nll = torch.zeros_like(loss)
         ul = torch.zeros_like(loss)
         use_ul = ul_rows is not None and ul_rows.numel() > 0
-        rare_rows = []  # (grad_logits, features, targets) of the rows whose target is rare
         if use_ul:
-            bounds = torch.searchsorted(ul_rows, torch.arange(0, rows_total + chunk_rows, chunk_rows, device=ul_rows.device))
+            starts = torch.arange(0, rows_total + chunk_rows, chunk_rows, device=ul_rows.device)
+            bounds = torch.searchsorted(ul_rows, starts).tolist()
         for chunk, start in enumerate(range(0, rows_total, chunk_rows)):
             end = min(start + chunk_rows, rows_total)
             h, y = features[start:end], target[start:end]
@@ -470,11 +472,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             else:
                 loss += nll_rows.sum()
             if use_ul:
-                lo, hi = int(bounds[chunk]), int(bounds[chunk + 1])
+                lo, hi = bounds[chunk], bounds[chunk + 1]
                 pair_rows, pair_tokens = ul_rows[lo:hi] - start, ul_tokens[lo:hi]
                 p_cand = lprobs[pair_rows, pair_tokens].exp()
-                one_minus = torch.clamp(1.0 - p_cand, min=1e-5)
-                ul_chunk = -torch.log(one_minus).sum()
+                ul_chunk = -torch.log(torch.clamp(1.0 - p_cand, min=1e-5)).sum()
                 ul += ul_chunk
                 loss += ul_alpha * ul_chunk
             if not (need_h or need_w):
@@ -492,24 +493,17 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_logits.scatter_add_(1, y.unsqueeze(1), (-(1.0 - epsilon - eps_i) * valid).unsqueeze(1))
             if epsilon > 0:
                 grad_logits -= (eps_i * valid).unsqueeze(1)
-            if grad_scale != 1.0:
-                grad_logits *= grad_scale
+            grad_mm = grad_logits.to(mm_dtype)
             if need_h:
-                grad_features[start:end] = grad_logits.to(weight.dtype).matmul(weight).to(acc_dtype) / grad_scale
+                grad_features[start:end] = grad_mm.matmul(weight_mm).to(acc_dtype)
             if need_w:
-                grad_weight += grad_logits.to(h.dtype).t().matmul(h).to(acc_dtype) / grad_scale
-                if gates is not None:
-                    rows = rare[y].nonzero().squeeze(1)
-                    if rows.numel():
-                        rare_rows.append((grad_logits[rows] / grad_scale, h[rows].to(acc_dtype), y[rows]))
-        if need_w and gates is not None:
-            # The chunks' ungated sum, gated at once (see gate_weight_gradient).
-            if rare_rows:
-                d_r, h_r, y_r = (torch.cat(parts) for parts in zip(*rare_rows))
-            else:
-                d_r = h_r = None
-                y_r = target[:0]
-            gate_weight_gradient(grad_weight, d_r, h_r, y_r, gates)
+                h_mm = h.to(mm_dtype)
+                grad_weight += grad_mm.t().matmul(h_mm).to(acc_dtype)
+                if correction is not None:
+                    add_rare_row_correction(correction, grad_logits, h_mm, y, gates)
+        if correction is not None:
+            grad_weight *= g1.to(acc_dtype).unsqueeze(1)
+            grad_weight += correction
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = (features.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll, ul)
@@ -546,7 +540,14 @@ def chunked_gated_loss(
     if gates is not None and gates.is_identity():
         gates = None
     if gates is not None:
+        if gates.rare.numel() != weight.size(0):
+            raise ValueError(
+                f"gates cover {gates.rare.numel()} tokens but the output layer has {weight.size(0)} rows"
+            )
         gates = gates.to(features.device)
+    if not torch.is_grad_enabled():
+        # Parameters still say requires_grad under no_grad: don't compute their gradients.
+        features, weight = features.detach(), weight.detach()
     rare, g1, g2 = (gates.rare, gates.g1, gates.g2) if gates is not None else (None, None, None)
     ul_rows, ul_tokens = unlikelihood if unlikelihood is not None else (None, None)
     return _ChunkedGatedLoss.apply(

@@ -20,34 +20,34 @@ PLUGIN_TASK_KEYS = {"language_modeling_agg": ("train_subset", "update_freq", "am
 
 
 def export_state(state: dict) -> dict:
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     state["model"].pop(COUNTER_KEY, None)
     cfg = state.get("cfg")
     if cfg is None:
         raise ValueError("this checkpoint has no 'cfg': it was not written by fairseq >= 0.10")
-    if not OmegaConf.is_config(cfg):
-        cfg = OmegaConf.create(cfg)
-    with open_dict(cfg):
-        task_name = cfg.task.get("_name")
-        if task_name in STOCK_TASKS:
-            cfg.task._name = STOCK_TASKS[task_name]
-            for key in PLUGIN_TASK_KEYS[task_name]:
-                cfg.task.pop(key, None)
-        criterion = cfg.get("criterion")
-        if criterion is not None and str(criterion.get("_name", "")).startswith(("agg_", "unlikelihood_")):
-            smoothing = float(criterion.get("label_smoothing", 0.0))
-            cfg.criterion = OmegaConf.create(
-                {"_name": "label_smoothed_cross_entropy", "label_smoothing": smoothing,
-                 "sentence_avg": bool(criterion.get("sentence_avg", False))}
-                if smoothing > 0 else
-                {"_name": "cross_entropy", "sentence_avg": bool(criterion.get("sentence_avg", False))}
-            )
-        if cfg.get("common") is not None:
-            cfg.common.user_dir = None
-    # Saved as plain containers, as fairseq's trainer does, so that torch.load's
-    # weights-only default accepts the file.
-    state["cfg"] = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    # fairseq saves cfg as plain containers (legacy architectures keep an argparse.Namespace
+    # under "model"): edit them as such.
+    task = cfg.get("task") or {}
+    task_name = task.get("_name")
+    if task_name in STOCK_TASKS:
+        task["_name"] = STOCK_TASKS[task_name]
+        for key in PLUGIN_TASK_KEYS[task_name]:
+            task.pop(key, None)
+    criterion = cfg.get("criterion") or {}
+    if str(criterion.get("_name", "")).startswith(("agg_", "unlikelihood_")):
+        smoothing = float(criterion.get("label_smoothing", 0.0))
+        sentence_avg = bool(criterion.get("sentence_avg", False))
+        cfg["criterion"] = (
+            {"_name": "label_smoothed_cross_entropy", "label_smoothing": smoothing, "sentence_avg": sentence_avg}
+            if smoothing > 0
+            else {"_name": "cross_entropy", "sentence_avg": sentence_avg}
+        )
+    if cfg.get("common"):
+        cfg["common"]["user_dir"] = None
+    state["cfg"] = cfg
     state.pop("task_state", None)
     return state
 

@@ -265,11 +265,13 @@ def ref_dynamic_gates(history, N, nspecial, pad, alpha=ALPHA, K=WINDOW, use_g1=T
 
 
 def ref_static_rare(dictionary, fraction=0.2):
-    """The 20% least frequent non-special tokens of the training dictionary (ties: index)."""
+    """The 20% least frequent non-special tokens of the training dictionary (ties: index),
+    leaving out fairseq-preprocess's padding symbols madeupword*."""
     nspecial = dictionary.nspecial
-    ids = sorted(range(nspecial, len(dictionary)), key=lambda k: (dictionary.count[k], k))
+    tokens = [k for k in range(nspecial, len(dictionary)) if not dictionary[k].startswith("madeupword")]
+    ids = sorted(tokens, key=lambda k: (dictionary.count[k], k))
     rare = torch.zeros(len(dictionary), dtype=torch.bool)
-    rare[ids[: int(fraction * (len(dictionary) - nspecial))]] = True
+    rare[ids[: int(fraction * len(tokens))]] = True
     return rare
 
 

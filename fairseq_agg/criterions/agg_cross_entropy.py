@@ -106,8 +106,10 @@ class AggCriterionBase(FairseqCriterion):
         self.study = study
         self.static_gates = None
         if study != "none":
-            counts = torch.tensor(task.target_dictionary.count, dtype=torch.float64)
-            rare = core.static_rare_mask(counts, task.target_dictionary.nspecial, cfg.agg_study_rare_fraction)
+            dictionary = task.target_dictionary
+            counts = torch.tensor(dictionary.count, dtype=torch.float64)
+            padding_words = torch.tensor([sym.startswith("madeupword") for sym in dictionary.symbols])
+            rare = core.static_rare_mask(counts, dictionary.nspecial, cfg.agg_study_rare_fraction, padding_words)
             self.static_gates = core.constant_gates(rare, *STUDY_GATE_VALUES[study])
             if study == "freeze":
                 task.freeze_rows(rare)
@@ -117,8 +119,10 @@ class AggCriterionBase(FairseqCriterion):
     def criterion_name(cls):
         return "agg_cross_entropy"
 
-    def current_gates(self) -> core.Gates:
+    def current_gates(self, device=None) -> core.Gates:
         if self.static_gates is not None:
+            if device is not None:
+                self.static_gates = self.static_gates.to(device)
             return self.static_gates
         key, gates = self._gates_cache
         if key != self.counter.version:
@@ -140,7 +144,7 @@ class AggCriterionBase(FairseqCriterion):
             raise ValueError(f"{self.criterion_name()} only computes summed losses (reduce=True)")
         features, extra = model(**sample["net_input"], features_only=True)
         target = model.get_targets(sample, (features, extra))
-        gates = self.current_gates() if self.training and torch.is_grad_enabled() else None
+        gates = self.current_gates(features.device) if self.training and torch.is_grad_enabled() else None
         loss, nll, ul = core.gated_loss(
             features.reshape(-1, features.size(-1)),
             output_projection_weight(model),

@@ -39,6 +39,10 @@ class AggCounterState(torch.nn.Module):
         # Checkpoints of plain fairseq runs hold no counter: start from an empty one.
         state_dict.setdefault(prefix + "_extra_state", None)
 
+    def __deepcopy__(self, memo):
+        # Copies of the model (fairseq's EMA) share the task's one counter.
+        return AggCounterState(self._task[0])
+
     def get_extra_state(self):
         return self._task[0].agg_counter.state_dict()
 
@@ -100,9 +104,13 @@ class AggTaskMixin:
             # fairseq clears gradients when an update begins and when it throws one away
             # (fp16 overflow, OOM): the pending counts go with them.
             self.agg_counter.discard_pending()
+            # Counts live where the model is, so that the all-reduce runs on the right device
+            # even for a worker whose first batches are all dummies.
+            self.agg_counter.to(next(model.parameters()).device)
+        result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        # Counted only once its gradient exists: a batch that fails (OOM) is not.
         if not ignore_grad:
             self.agg_counter.add(sample["target"], self.target_dictionary.pad())
-        result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         for weight in self._frozen_weights(model, optimizer):
             if weight.grad is not None:
                 weight.grad[self._agg_frozen_rows.to(weight.device)] = 0
@@ -121,19 +129,19 @@ class AggTaskMixin:
             return []
         if getattr(optimizer, "fp32_params", None) is not None:
             raise ValueError(
-                "--agg-study freeze cannot hold rows fixed under --fp16 with fp32 master weights; "
-                "train the study in fp32, with --bf16, or with --memory-efficient-fp16"
+                "--agg-study freeze cannot hold rows fixed while the optimizer keeps fp32 master "
+                "weights (--fp16, --bf16); train the study in fp32 or with --memory-efficient-fp16 "
+                "or --memory-efficient-bf16"
             )
-        decoder = getattr(model, "module", model).decoder
+        while hasattr(model, "module"):  # fairseq's data-parallel wrappers
+            model = model.module
+        decoder = model.decoder
         weights = (decoder.embed_tokens.weight, decoder.output_projection.weight)
         return list({id(w): w for w in weights}.values())
 
 
 def _starts_update(model) -> bool:
-    for param in model.parameters():
-        if param.requires_grad:
-            return param.grad is None
-    return True
+    return all(param.grad is None for param in model.parameters())
 
 
 def _data_parallel_sum(pending: torch.Tensor) -> torch.Tensor:
