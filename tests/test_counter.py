@@ -630,3 +630,45 @@ def test_counter_travels_in_the_model_state_dict(lm_cfg):
     fresh = Run(lm_cfg("--agg-window", "3"))
     fresh.model.load_state_dict(plain)
     assert fresh.counter.num_updates == 0 and fresh.counter.updates_in_window() == 0
+
+
+def test_model_copies_share_the_counter_and_ema_works(lm_cfg):
+    """fairseq's --store-ema deep-copies the model; the copy must not copy the task."""
+    import copy
+
+    run = Run(lm_cfg())
+    run.update(run.batches[0])
+    twin = copy.deepcopy(run.model)
+    assert twin.agg_counter.get_extra_state()["num_updates"] == 1
+    run.update(run.batches[1])
+    assert twin.agg_counter.get_extra_state()["num_updates"] == 2  # one counter: the task's
+
+
+def test_freeze_study_reaches_the_decoder_through_data_parallel_wrappers(lm_cfg):
+    from fairseq.distributed import ModuleProxyWrapper
+
+    class DataParallel(torch.nn.Module):  # what legacy_ddp / c10d put between proxy and model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    class DecayingSGD(FakeOptimizer):  # moves every row, gradient or not
+        def step(self):
+            with torch.no_grad():
+                for p in self.params:
+                    p -= 0.1 * (p.grad if p.grad is not None else 0) + 0.01 * p
+
+    run = Run(lm_cfg("--agg-study", "freeze"))
+    run.optimizer = DecayingSGD(run.model)
+    wrapped = ModuleProxyWrapper(DataParallel(run.model))
+    rows = run.task._agg_frozen_rows
+    before = run.model.decoder.embed_tokens.weight.detach().clone()
+    run.optimizer.zero_grad()
+    run.task.train_step(run.batches[0], wrapped, run.criterion, run.optimizer, 0)
+    run.task.optimizer_step(run.optimizer, wrapped, 0)
+    after = run.model.decoder.embed_tokens.weight.detach()
+    assert rows.any() and torch.equal(after[rows], before[rows])
+    assert not torch.equal(after[~rows], before[~rows])
