@@ -175,6 +175,15 @@ class _GatedLinear(torch.autograd.Function):
         return grad_features, grad_weight, None, None, None, None
 
 
+def _effective_gates(gates: Optional[Gates], weight: torch.Tensor) -> Optional[Gates]:
+    """None when nothing is gated; otherwise the gates, checked and on the weight's device."""
+    if gates is None or gates.is_identity():
+        return None
+    if gates.rare.numel() != weight.size(0):
+        raise ValueError(f"gates cover {gates.rare.numel()} tokens but the output layer has {weight.size(0)} rows")
+    return gates.to(weight.device)
+
+
 def gated_linear(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -191,13 +200,9 @@ def gated_linear(
             f"gated_linear expects features (M, d) and target (M,), got "
             f"{tuple(features.shape)} and {tuple(target.shape)}"
         )
-    if gates is None or gates.is_identity():
+    gates = _effective_gates(gates, weight)
+    if gates is None:
         return features.matmul(weight.t())
-    if gates.rare.numel() != weight.size(0):
-        raise ValueError(
-            f"gates cover {gates.rare.numel()} tokens but the output layer has {weight.size(0)} rows"
-        )
-    gates = gates.to(features.device)
     return _GatedLinear.apply(features, weight, target, gates.rare, gates.g1, gates.g2)
 
 
@@ -537,14 +542,7 @@ def chunked_gated_loss(
     whole logits tensor. ``ul`` is the unweighted unlikelihood sum."""
     if chunk_rows < 1:
         raise ValueError(f"chunk size must be a positive number of rows, got {chunk_rows}")
-    if gates is not None and gates.is_identity():
-        gates = None
-    if gates is not None:
-        if gates.rare.numel() != weight.size(0):
-            raise ValueError(
-                f"gates cover {gates.rare.numel()} tokens but the output layer has {weight.size(0)} rows"
-            )
-        gates = gates.to(features.device)
+    gates = _effective_gates(gates, weight)
     if not torch.is_grad_enabled():
         # Parameters still say requires_grad under no_grad: don't compute their gradients.
         features, weight = features.detach(), weight.detach()
