@@ -13,10 +13,8 @@ setup(
         # installs the same `fairseq` module there.
         'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
         'fairseq==0.12.2; python_version < "3.11"',
-        "torch>=1.13",
+        "torch>=2.0",
         "numpy",
-        "scipy",
-        "sacrebleu>=2.0",
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["fairseq-agg-demo = fairseq_agg.demo:main"]},

@@ -194,7 +194,8 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--alpha", type=float, default=0.03, help="AGG alpha, scaled by tokens per update below")
+    parser.add_argument("--alpha", type=float, default=0.03,
+                        help="AGG alpha for the counter fed with --tokens per update (sets how many tokens are rare)")
     parser.add_argument("--window", type=int, default=20, help="updates fed to the counter before measuring")
     parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk of agg_chunked")
     parser.add_argument("--warmup", type=int, default=1)
@@ -204,8 +205,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}, dtype: {args.dtype}, model: {args.layers} layers d={args.dim}", file=sys.stderr)
     rows = []
