@@ -11,6 +11,10 @@ mean the rows crowd into a narrow cone.
 embeddings get there), and the ratio of two huge sums loses everything. So log Z is computed
 with ``logsumexp`` in float64 and I(W) = exp(min log Z - max log Z).
 
+The eigenvectors are those ``torch.linalg.eigh`` returns for W^T W in float64. Z(a) and
+Z(-a) differ, so an eigenvector's sign (LAPACK's choice) is part of the metric, as in the
+implementations this measure comes from.
+
 Needs torch only (numpy arrays are accepted), no fairseq.
 """
 
