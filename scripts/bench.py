@@ -24,11 +24,6 @@ import statistics
 import sys
 import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    # glibc otherwise keeps freed large blocks, which hides the peak of live tensors.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -120,28 +115,48 @@ def reset_peak_rss():
         f.write("5")
 
 
-def measure(step, model, device, warmup, steps):
-    times, peaks = [], []
-    for i in range(warmup + steps):
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            reset_peak_rss()
-            base = current_rss_kb() * 1024
-        start = time.perf_counter()
+def timed_step(step, model, device):
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory(step, model, device):
+    """Bytes allocated at the peak of one step beyond what was allocated before it."""
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         step().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = peak_rss_kb() * 1024 - base
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            peaks.append(peak)
-    return statistics.median(times), max(peaks)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    reset_peak_rss()
+    base = current_rss_kb() * 1024
+    step().backward()
+    return peak_rss_kb() * 1024 - base
+
+
+def measure_all(steps, model, device, warmup, repeats, memory):
+    """Median step time per method, the methods interleaved round by round so that drift
+    of the machine's speed hits them alike; then peak memory, one method at a time."""
+    for name, step in steps.items():
+        for _ in range(warmup):
+            timed_step(step, model, device)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed_step(step, model, device))
+    results = {name: ({"time_s": statistics.median(t)} if t else {}) for name, t in times.items()}
+    if memory:
+        for name, step in steps.items():
+            results[name]["peak_bytes"] = peak_memory(step, model, device)
+    return results
 
 
 def run_config(args, vocab, tokens, device, dtype):
@@ -175,13 +190,37 @@ def run_config(args, vocab, tokens, device, dtype):
         "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk),
     }
     rare_rows = float(gates.rare[sample["target"]].float().mean())
-    results = {}
-    for name in args.methods:
-        t, m = measure(steps[name], model, device, args.warmup, args.steps)
-        results[name] = {"time_s": t, "peak_bytes": m}
-        print(f"  {name:<13} {t * 1e3:9.1f} ms  {m / 2**20:9.1f} MiB", file=sys.stderr, flush=True)
+    steps = {name: steps[name] for name in args.methods}
+    # On CPU the peak of live tensors is only visible in the resident set when large blocks
+    # go back to the OS on free (MALLOC_MMAP_THRESHOLD_); that slows allocation, so times
+    # come from this process and memory from a child that sets it.
+    in_process_memory = device.type == "cuda" or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
+    results = measure_all(steps, model, device, args.warmup, 0 if args.memory_only else args.steps, in_process_memory)
+    if not in_process_memory:
+        memory = memory_in_child(args, vocab, tokens)
+        for name in steps:
+            results[name]["peak_bytes"] = memory[name]["peak_bytes"]
+    for name, r in results.items():
+        print(f"  {name:<13} {r.get('time_s', float('nan')) * 1e3:9.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB",
+              file=sys.stderr, flush=True)
     return {"vocab": vocab, "tokens": tokens, "rare_tokens": gates.num_rare, "rare_target_fraction": rare_rows,
             "methods": results}
+
+
+def memory_in_child(args, vocab, tokens):
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        argv = [sys.executable, __file__, "--memory-only", "--json", out.name, "--vocab", str(vocab),
+                "--tokens", str(tokens), "--dtype", args.dtype, "--device", args.device]
+        for option in ("seq_len", "dim", "layers", "heads", "alpha", "window", "chunk"):
+            argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+        argv += ["--methods", *args.methods]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(out.name) as f:
+            return json.load(f)["results"][0]["methods"]
 
 
 def main(argv=None):
@@ -199,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=20, help="updates fed to the counter before measuring")
     parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk of agg_chunked")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method, interleaved")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -221,6 +261,8 @@ def main(argv=None):
         cells = []
         for m in args.methods:
             r = row["methods"][m]
+            if "time_s" not in r:
+                continue
             t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
             m_ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x)" if base and base["peak_bytes"] > 0 else ""
             cells += [f"{r['time_s'] * 1e3:.1f}{t_ratio}", f"{r['peak_bytes'] / 2**20:.1f}{m_ratio}"]
