@@ -145,7 +145,7 @@ def add_rare_row_correction(
         # copying most of the logits' gradient.
         masked = features.to(out.dtype) * row_is_rare.unsqueeze(1).to(out.dtype)
         d_r_t_h_r = grad_logits.to(out.dtype).t().matmul(masked)
-    out += (g2 - g1).unsqueeze(1) * d_r_t_h_r
+    out.addcmul_((g2 - g1).unsqueeze(1), d_r_t_h_r)
     y_r = target[rows]
     own = (1.0 - g2[y_r]) * grad_logits[rows, y_r].to(out.dtype)
     out.index_add_(0, y_r, own.unsqueeze(1) * features[rows].to(out.dtype))
@@ -170,7 +170,7 @@ class _GatedLinear(torch.autograd.Function):
             # Gating happens in float32 at least, whatever the training precision.
             acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
             gates = Gates(rare, g1, g2, num_rare=-1)
-            gated = grad_logits.t().matmul(features).to(acc_dtype) * g1.to(acc_dtype).unsqueeze(1)
+            gated = grad_logits.t().matmul(features).to(acc_dtype).mul_(g1.to(acc_dtype).unsqueeze(1))
             grad_weight = add_rare_row_correction(gated, grad_logits, features, target, gates).to(weight.dtype)
         return grad_features, grad_weight, None, None, None, None
 

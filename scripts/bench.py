@@ -252,10 +252,10 @@ def main(argv=None):
         for tokens in args.tokens:
             print(f"vocab {vocab}, {tokens} tokens:", file=sys.stderr, flush=True)
             rows.append(run_config(args, vocab, tokens, device, dtype))
-    header = "| vocab | tokens | rare tokens | " + " | ".join(
+    header = "| vocab | tokens | rare tokens | rare-target rows | " + " | ".join(
         f"{m} ms (x CE) | {m} MiB (x CE)" for m in args.methods) + " |"
     print(header)
-    print("|" + "---|" * (3 + 2 * len(args.methods)))
+    print("|" + "---|" * (4 + 2 * len(args.methods)))
     for row in rows:
         base = row["methods"].get("fairseq_ce")
         cells = []
@@ -266,7 +266,8 @@ def main(argv=None):
             t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
             m_ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x)" if base and base["peak_bytes"] > 0 else ""
             cells += [f"{r['time_s'] * 1e3:.1f}{t_ratio}", f"{r['peak_bytes'] / 2**20:.1f}{m_ratio}"]
-        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | " + " | ".join(cells) + " |")
+        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | {row['rare_target_fraction']:.1%} | "
+              + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "dtype": args.dtype, "dim": args.dim, "layers": args.layers,
