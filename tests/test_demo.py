@@ -11,8 +11,7 @@ from fairseq_agg import demo
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    if not demo.REPO_DATA.is_dir():
-        pytest.skip("the shipped data/wikitext-2 is not next to the package")
+    assert demo.REPO_DATA.is_dir(), "the shipped data/wikitext-2 must be next to the package"
     workdir = tmp_path_factory.mktemp("demo")
     results = demo.run_demo(["--quick", "--workdir", str(workdir)])
     return workdir, results
