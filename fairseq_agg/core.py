@@ -292,8 +292,6 @@ class TokenCounter:
     def add(self, target: torch.Tensor, padding_idx: Optional[int] = None) -> None:
         """Count the target tokens of one micro-batch into the pending update."""
         tokens = target.reshape(-1)
-        if padding_idx is not None:
-            tokens = tokens[tokens != padding_idx]
         if tokens.numel() == 0:
             return
         if tokens.device != self.device:
@@ -301,7 +299,9 @@ class TokenCounter:
             self.to(tokens.device)
         if tokens.device.type == "cpu" and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
             raise ValueError(f"target token id out of range for a counter of {self.vocab_size} symbols")
-        self.pending.index_add_(0, tokens, torch.ones_like(tokens))
+        # Padding is added with weight 0 rather than filtered out: no data-dependent shape.
+        weights = torch.ones_like(tokens) if padding_idx is None else (tokens != padding_idx).to(tokens.dtype)
+        self.pending.index_add_(0, tokens, weights)
 
     def discard_pending(self) -> None:
         self.pending.zero_()
