@@ -156,8 +156,9 @@ class _GatedLinear(torch.autograd.Function):
     """logits = h @ W^T whose backward gates only the W path (eq. 23)."""
 
     @staticmethod
-    def forward(ctx, features, weight, target, rare, g1, g2):
+    def forward(ctx, features, weight, target, rare, g1, g2, rare_rows_from):
         ctx.save_for_backward(features, weight, target, rare, g1, g2)
+        ctx.rare_rows_from = rare_rows_from
         return features.matmul(weight.t())
 
     @staticmethod
@@ -170,9 +171,23 @@ class _GatedLinear(torch.autograd.Function):
             # Gating happens in float32 at least, whatever the training precision.
             acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
             gates = Gates(rare, g1, g2, num_rare=-1)
-            gated = grad_logits.t().matmul(features).to(acc_dtype).mul_(g1.to(acc_dtype).unsqueeze(1))
-            grad_weight = add_rare_row_correction(gated, grad_logits, features, target, gates).to(weight.dtype)
-        return grad_features, grad_weight, None, None, None, None
+            split = ctx.rare_rows_from
+            if split is None:
+                gated = grad_logits.t().matmul(features).to(acc_dtype).mul_(g1.to(acc_dtype).unsqueeze(1))
+                gated = add_rare_row_correction(gated, grad_logits, features, target, gates)
+            else:
+                # Rows [split:] are exactly those with a rare target: two matmuls over the two
+                # row blocks cost what one over all rows does.
+                gated = grad_logits[:split].t().matmul(features[:split]).to(acc_dtype)
+                gated.mul_(g1.to(acc_dtype).unsqueeze(1))
+                if split < target.numel():
+                    d_r, h_r, y_r = grad_logits[split:], features[split:], target[split:]
+                    g2_acc = g2.to(acc_dtype)
+                    gated.addcmul_(g2_acc.unsqueeze(1), d_r.t().matmul(h_r).to(acc_dtype))
+                    own = (1.0 - g2_acc[y_r]) * d_r.gather(1, y_r.unsqueeze(1)).squeeze(1).to(acc_dtype)
+                    gated.index_add_(0, y_r, own.unsqueeze(1) * h_r.to(acc_dtype))
+            grad_weight = gated.to(weight.dtype)
+        return grad_features, grad_weight, None, None, None, None, None
 
 
 def _effective_gates(gates: Optional[Gates], weight: torch.Tensor) -> Optional[Gates]:
@@ -189,11 +204,14 @@ def gated_linear(
     weight: torch.Tensor,
     target: torch.Tensor,
     gates: Optional[Gates],
+    rare_rows_from: Optional[int] = None,
 ) -> torch.Tensor:
     """Output projection of ``features`` (M, d) by ``weight`` (N, d) with AGG-gated W grads.
 
     ``target`` (M,) holds each row's target token. With ``gates`` None or without any rare
-    token this is an ordinary ``features @ weight.T``.
+    token this is an ordinary ``features @ weight.T``. ``rare_rows_from``, if given, promises
+    that the rows from that index on are exactly the rows whose target is rare (the cheapest
+    backward; ``gated_loss`` orders rows so).
     """
     if features.dim() != 2 or target.dim() != 1 or target.numel() != features.size(0):
         raise ValueError(
@@ -203,7 +221,7 @@ def gated_linear(
     gates = _effective_gates(gates, weight)
     if gates is None:
         return features.matmul(weight.t())
-    return _GatedLinear.apply(features, weight, target, gates.rare, gates.g1, gates.g2)
+    return _GatedLinear.apply(features, weight, target, gates.rare, gates.g1, gates.g2, rare_rows_from)
 
 
 def label_smoothed_nll_loss(
@@ -581,7 +599,20 @@ def gated_loss(
             features, weight, flat_target, gates, ignore_index, label_smoothing, chunk_rows,
             pairs, unlikelihood_alpha,
         )
-    lprobs = log_probs(gated_linear(features, weight, flat_target, gates))
+    gates = _effective_gates(gates, weight)
+    rare_rows_from = None
+    if gates is not None:
+        # The loss is a sum over rows, so the rows may be reordered: rows with a rare target
+        # last lets the backward gate W's gradient with two matmuls over row blocks.
+        row_is_rare = gates.rare[flat_target]
+        order = torch.argsort(row_is_rare.to(torch.uint8), stable=True)
+        rare_rows_from = flat_target.numel() - int(row_is_rare.sum())
+        features, flat_target = features[order], flat_target[order]
+        if pairs is not None:
+            new_row = torch.empty_like(order)
+            new_row[order] = torch.arange(order.numel(), device=order.device)
+            pairs = (new_row[pairs[0]], pairs[1])
+    lprobs = log_probs(gated_linear(features, weight, flat_target, gates, rare_rows_from))
     loss, nll = label_smoothed_nll_loss(lprobs, flat_target, label_smoothing, ignore_index)
     if pairs is None:
         return loss, nll, torch.zeros_like(nll)
