@@ -73,6 +73,40 @@ def output_projection_weight(model) -> torch.Tensor:
     return projection.weight
 
 
+def check_loss_options(label_smoothing: float, loss_chunk_size: int) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
+    if loss_chunk_size < 0:
+        raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {loss_chunk_size}")
+
+
+def objective(criterion, model, sample, gates, label_smoothing, unlikelihood_alpha, loss_chunk_size,
+              sentence_avg, log_unlikelihood):
+    """One decoder pass and ``core.gated_loss``: what every criterion of the plug-in returns."""
+    features, extra = model(**sample["net_input"], features_only=True)
+    loss, nll, ul = core.gated_loss(
+        features.reshape(-1, features.size(-1)),
+        output_projection_weight(model),
+        model.get_targets(sample, (features, extra)),
+        gates,
+        ignore_index=criterion.padding_idx,
+        label_smoothing=label_smoothing,
+        unlikelihood_alpha=unlikelihood_alpha,
+        chunk_rows=loss_chunk_size,
+    )
+    sample_size = sample["target"].size(0) if sentence_avg else sample["ntokens"]
+    logging_output = {
+        "loss": loss.data,
+        "nll_loss": nll.data,
+        "ntokens": sample["ntokens"],
+        "nsentences": sample["target"].size(0),
+        "sample_size": sample_size,
+    }
+    if log_unlikelihood:
+        logging_output["ul_loss"] = ul.data
+    return loss, sample_size, logging_output
+
+
 class AggCriterionBase(FairseqCriterion):
     """Shared by the AGG criteria: validation, gates and the single logits pass."""
 
@@ -90,10 +124,7 @@ class AggCriterionBase(FairseqCriterion):
             raise ValueError(f"--agg-alpha must lie in (0, 1], got {cfg.agg_alpha}")
         if cfg.agg_window is not None and cfg.agg_window < 1:
             raise ValueError(f"--agg-window must be a positive number of updates, got {cfg.agg_window}")
-        if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
-        if cfg.loss_chunk_size < 0:
-            raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {cfg.loss_chunk_size}")
+        check_loss_options(cfg.label_smoothing, cfg.loss_chunk_size)
         if cfg.agg_static_after is not None and cfg.agg_static_after < 1:
             raise ValueError(f"--agg-static-after must be a positive number of updates, got {cfg.agg_static_after}")
         study = str(cfg.agg_study)
@@ -142,30 +173,13 @@ class AggCriterionBase(FairseqCriterion):
     def forward(self, model, sample, reduce=True):
         if not reduce:
             raise ValueError(f"{self.criterion_name()} only computes summed losses (reduce=True)")
-        features, extra = model(**sample["net_input"], features_only=True)
-        target = model.get_targets(sample, (features, extra))
-        gates = self.current_gates(features.device) if self.training and torch.is_grad_enabled() else None
-        loss, nll, ul = core.gated_loss(
-            features.reshape(-1, features.size(-1)),
-            output_projection_weight(model),
-            target,
-            gates,
-            ignore_index=self.padding_idx,
-            label_smoothing=self.eps,
-            unlikelihood_alpha=self.unlikelihood_alpha,
-            chunk_rows=self.cfg.loss_chunk_size,
+        training = self.training and torch.is_grad_enabled()
+        gates = self.current_gates(sample["target"].device) if training else None
+        loss, sample_size, logging_output = objective(
+            self, model, sample, gates, self.eps, self.unlikelihood_alpha, self.cfg.loss_chunk_size,
+            self.sentence_avg, self.logs_unlikelihood,
         )
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            **self.logging_extras(),
-        }
-        if self.logs_unlikelihood:
-            logging_output["ul_loss"] = ul.data
+        logging_output.update(self.logging_extras())
         return loss, sample_size, logging_output
 
     def logging_extras(self) -> dict:

@@ -8,11 +8,11 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from fairseq_agg import core
 from fairseq_agg.criterions.agg_cross_entropy import (
     AggCriterionBase,
     AggCrossEntropyConfig,
-    output_projection_weight,
+    check_loss_options,
+    objective,
 )
 
 
@@ -52,36 +52,15 @@ class UnlikelihoodCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, task, cfg: UnlikelihoodCrossEntropyConfig):
         super().__init__(task)
         _check_alpha(cfg.unlikelihood_alpha)
-        if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
-        if cfg.loss_chunk_size < 0:
-            raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {cfg.loss_chunk_size}")
+        check_loss_options(cfg.label_smoothing, cfg.loss_chunk_size)
         self.cfg = cfg
 
     def forward(self, model, sample, reduce=True):
         if not reduce:
             raise ValueError("unlikelihood_cross_entropy only computes summed losses (reduce=True)")
-        features, extra = model(**sample["net_input"], features_only=True)
-        loss, nll, ul = core.gated_loss(
-            features.reshape(-1, features.size(-1)),
-            output_projection_weight(model),
-            model.get_targets(sample, (features, extra)),
-            None,
-            ignore_index=self.padding_idx,
-            label_smoothing=self.cfg.label_smoothing,
-            unlikelihood_alpha=self.cfg.unlikelihood_alpha,
-            chunk_rows=self.cfg.loss_chunk_size,
-        )
-        sample_size = sample["target"].size(0) if self.cfg.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll.data,
-            "ul_loss": ul.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
-        return loss, sample_size, logging_output
+        cfg = self.cfg
+        return objective(self, model, sample, None, cfg.label_smoothing, cfg.unlikelihood_alpha,
+                         cfg.loss_chunk_size, cfg.sentence_avg, log_unlikelihood=True)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
