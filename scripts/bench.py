@@ -94,20 +94,20 @@ def agg_loss(model, sample, gates, pad, chunk_rows):
     return loss
 
 
-def peak_rss_kb():
+def _proc_status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def peak_rss_kb():
+    return _proc_status_kb("VmHWM")
 
 
 def current_rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return _proc_status_kb("VmRSS")
 
 
 def reset_peak_rss():
