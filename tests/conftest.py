@@ -407,3 +407,14 @@ def mt_data(tmp_path_factory) -> Path:
         "--destdir", dest, "--joined-dictionary", "--nwordssrc", MT_VOCAB, "--workers", "1",
     ])
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny matrices: one intra-op thread is faster, and steady on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

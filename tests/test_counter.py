@@ -17,6 +17,8 @@ from fairseq_agg import core
 NSPECIAL = 4  # bos, pad, eos, unk
 PAD = 1
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def counter_with(updates, vocab=12, window=None):
     """A counter fed one completed update per entry (lists of token ids)."""
@@ -334,14 +336,6 @@ def test_window_memory_grows_with_distinct_tokens_not_window_times_vocabulary():
 # ------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: one intra-op thread is faster, and steady on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class FakeOptimizer:

@@ -49,6 +49,8 @@ TOL = 1e-6
 # that the gate moves W's gradient by far more than that).
 REL_FAIRSEQ = 1e-5
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ------------------------------------------------------------------------------------------
 # data, tasks and models
@@ -211,14 +213,6 @@ class Setup:
         self.model.zero_grad(set_to_none=True)
         return grads, out
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: one intra-op thread is faster, and steady on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
