@@ -15,7 +15,20 @@ setup(
         'fairseq==0.12.2; python_version < "3.11"',
         "torch>=2.0",
         "numpy",
+        # evaluation suite and data preparation
+        "scipy",
+        "sacrebleu>=2.0",
+        "matplotlib",
+        "tqdm",
+        "sacremoses",
+        "subword-nmt",
+        "sentencepiece",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["fairseq-agg-demo = fairseq_agg.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-agg-demo = fairseq_agg.demo:main",
+            "fairseq-agg-eval = fairseq_agg.eval:main",
+        ]
+    },
 )
