@@ -218,6 +218,8 @@ def train_command(args, data_bin: Path, save_dir: Path, agg: bool) -> List[str]:
         # validate (both splits) and save only once, at the end
         "--valid-subset", "valid,test", "--validate-interval", "100000", "--save-interval", "100000",
         "--no-epoch-checkpoints",
+        # a few checkpoints along the way: fairseq-agg-eval draws I(W) over training from them
+        "--save-interval-updates", str(max(1, max_update // 6)),
         "--save-dir", str(save_dir),
         "--log-format", "simple", "--log-interval", str(max(10, max_update // 12)),
     ]
@@ -394,6 +396,9 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
         print(f"\nI(W) of the output embedding: MLE {runs['mle']['I(W)']:.3f}, AGG {runs['agg']['I(W)']:.3f} "
               f"(paper, Table 3, WikiText-103 at full scale: MLE 0.377, AGG 0.813)")
     print(f"\nresults: {args.workdir / 'results.json'} (total {results['total_seconds']:.0f} s)")
+    for name in runs:
+        print(f"full evaluation (tables, figures): fairseq-agg-eval lm {data_bin} "
+              f"--path {args.workdir / name / 'checkpoint_last.pt'} --out {args.workdir / name / 'eval'}")
     return results
 
 

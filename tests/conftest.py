@@ -409,6 +409,18 @@ def mt_data(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The demo's --quick run (MLE and AGG twins on the shipped WikiText-2 slice): (workdir,
+    results). Shared by the demo's tests and the evaluation suite's."""
+    from fairseq_agg import demo
+
+    assert demo.REPO_DATA.is_dir(), "the shipped data/wikitext-2 must be next to the package"
+    workdir = tmp_path_factory.mktemp("demo")
+    results = demo.run_demo(["--quick", "--workdir", str(workdir)])
+    return workdir, results
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny matrices: one intra-op thread is faster, and steady on a busy machine."""

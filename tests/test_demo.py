@@ -9,16 +9,8 @@ import pytest
 from fairseq_agg import demo
 
 
-@pytest.fixture(scope="module")
-def quick_results(tmp_path_factory):
-    assert demo.REPO_DATA.is_dir(), "the shipped data/wikitext-2 must be next to the package"
-    workdir = tmp_path_factory.mktemp("demo")
-    results = demo.run_demo(["--quick", "--workdir", str(workdir)])
-    return workdir, results
-
-
-def test_results_json_written(quick_results):
-    workdir, results = quick_results
+def test_results_json_written(quick_demo):
+    workdir, results = quick_demo
     on_disk = json.loads((workdir / "results.json").read_text())
     assert on_disk["runs"].keys() == {"mle", "agg"}
     assert on_disk["runs"]["agg"]["I(W)"] == pytest.approx(results["runs"]["agg"]["I(W)"])
@@ -27,8 +19,8 @@ def test_results_json_written(quick_results):
         assert (workdir / name / "train.log").is_file()
 
 
-def test_both_models_trained_with_finite_perplexity(quick_results):
-    _, results = quick_results
+def test_both_models_trained_with_finite_perplexity(quick_demo):
+    _, results = quick_demo
     for name in ("mle", "agg"):
         run = results["runs"][name]
         assert run["num_updates"] == results["settings"]["max_update"]
@@ -36,15 +28,15 @@ def test_both_models_trained_with_finite_perplexity(quick_results):
             assert math.isfinite(run[split]) and 1.0 < run[split] < run["vocab_size"]
 
 
-def test_agg_has_a_rare_group(quick_results):
-    _, results = quick_results
+def test_agg_has_a_rare_group(quick_demo):
+    _, results = quick_demo
     agg = results["runs"]["agg"]
     assert 0 < agg["rare_group_size"] < agg["vocab_size"]
     assert results["runs"]["mle"].get("rare_group_size") is None
 
 
-def test_agg_output_embedding_is_more_isotropic(quick_results):
-    _, results = quick_results
+def test_agg_output_embedding_is_more_isotropic(quick_demo):
+    _, results = quick_demo
     mle, agg = results["runs"]["mle"]["I(W)"], results["runs"]["agg"]["I(W)"]
     assert 0.0 < mle <= 1.0 and 0.0 < agg <= 1.0
     assert agg > mle, f"I(W): AGG {agg:.3f} should exceed MLE {mle:.3f}"

@@ -1,0 +1,733 @@
+"""fairseq-agg-eval: the AGG paper's evaluations from a checkpoint, as JSON, Markdown and PNG.
+
+    fairseq-agg-eval lm  DATA_BIN --path CHECKPOINT --out DIR   # Tables 3-6, 10, 13, 15; geometry
+    fairseq-agg-eval mt  DATA_BIN --path CHECKPOINT --out DIR   # Table 7 (BLEU), Table 14
+    fairseq-agg-eval compare RUN.json ... --out DIR             # runs side by side, as the paper's tables
+
+(also ``python -m fairseq_agg.eval``). The metrics themselves live in
+:mod:`fairseq_agg.metrics`; this module loads checkpoints and data with fairseq, runs the
+model, and writes the reports. Definitions: DESIGN section 4 and ``fairseq-agg-eval lm -h``.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fairseq_agg import metrics
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+WORDSIM_NAMES = ("MEN", "WS353", "RG65", "RW")
+WORDSIM_FILES = {"MEN": "EN-MEN-TR-3k.txt", "WS353": "EN-WS-353-ALL.txt", "RG65": "EN-RG-65.txt",
+                 "RW": "EN-RW-STANFORD.txt"}
+
+logger = logging.getLogger("fairseq_agg.eval")
+
+
+class EvalError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"fairseq-agg-eval: {message}")
+
+
+def _progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def checkpoint_config(path: Path) -> Dict:
+    from fairseq import checkpoint_utils
+
+    if not path.is_file():
+        raise EvalError(f"checkpoint {path} does not exist")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    cfg = state.get("cfg")
+    if cfg is None:
+        raise EvalError(f"{path} holds no fairseq configuration (not a fairseq >= 0.10 checkpoint)")
+    return state
+
+
+def output_embedding(model) -> torch.Tensor:
+    """The output embedding rows (tied or not) of a fairseq LM or translation model."""
+    from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
+
+    return output_projection_weight(model).detach().float().cpu()
+
+
+def _task_name(state) -> str:
+    return state["cfg"]["task"]["_name"]
+
+
+def _check_vocabulary(model, dictionary, what: str) -> None:
+    rows = output_embedding(model).size(0)
+    if rows != len(dictionary):
+        raise EvalError(f"the checkpoint's output embedding has {rows} rows but {what} has "
+                        f"{len(dictionary)} entries: the checkpoint was trained on another vocabulary")
+
+
+def load_dictionary_counts(dictionary) -> np.ndarray:
+    """Training counts of every dictionary entry (fairseq's dictionary holds those of dict.txt)."""
+    counts = np.asarray(dictionary.count, dtype=np.float64)
+    counts[: dictionary.nspecial] = 0.0
+    return counts
+
+
+# -- language models -----------------------------------------------------------------------------
+
+def setup_lm(args):
+    """Model, task and scoring iterator exactly as fairseq-eval-lm builds them for the same
+    checkpoint, data, ``--tokens-per-sample`` and ``--context-window``."""
+    from fairseq import checkpoint_utils, options, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    state = checkpoint_config(args.path)
+    task_cfg = state["cfg"]["task"]
+    tokens_per_sample = args.tokens_per_sample or int(task_cfg.get("tokens_per_sample", 512))
+    context_window = tokens_per_sample // 2 if args.context_window is None else args.context_window
+    if not 0 <= context_window < tokens_per_sample:
+        raise EvalError(f"--context-window {context_window} must lie in [0, --tokens-per-sample {tokens_per_sample})")
+    argv = [str(args.data), "--path", str(args.path), "--user-dir", str(PACKAGE_DIR),
+            "--task", _task_name(state), "--gen-subset", args.subset,
+            "--tokens-per-sample", str(tokens_per_sample), "--context-window", str(context_window),
+            "--sample-break-mode", args.sample_break_mode, "--max-tokens", str(args.max_tokens),
+            "--num-workers", "0"]
+    if args.cpu:
+        argv.append("--cpu")
+    parser = options.get_eval_lm_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
+    utils.import_user_module(cfg.common)
+    if cfg.eval_lm.context_window > 0:
+        cfg.task.tokens_per_sample -= cfg.eval_lm.context_window  # as fairseq-eval-lm does
+    from fairseq import tasks
+
+    task = tasks.setup_task(cfg.task)
+    try:
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], task=task)
+    except RuntimeError as err:
+        if "size mismatch" in str(err):
+            raise EvalError(f"{args.path} does not fit the dictionary of {args.data}: "
+                            "the checkpoint was trained on another vocabulary") from err
+        raise
+    model = models[0]
+    _check_vocabulary(model, task.target_dictionary, f"{args.data}/dict.txt")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.fp16:
+        model.half()
+    model.to(device).eval()
+    try:
+        task.load_dataset(args.subset)
+    except FileNotFoundError as err:
+        raise EvalError(f"{args.data} has no '{args.subset}' split: {err}") from err
+    dataset = task.dataset(args.subset)
+    itr = task.eval_lm_dataloader(
+        dataset=dataset, max_tokens=args.max_tokens, batch_size=None,
+        max_positions=utils.resolve_max_positions(model.max_positions()),
+        num_workers=0, context_window=context_window)
+    return model, task, itr, device, {"tokens_per_sample": tokens_per_sample, "context_window": context_window,
+                                       "subset": args.subset, "sample_break_mode": args.sample_break_mode}
+
+
+@torch.no_grad()
+def score_lm(model, task, itr, device, max_hidden: int, show_progress: bool) -> Dict[str, np.ndarray]:
+    """Per scored position of the split, in corpus order: target, NLL (nats), argmax
+    prediction; plus up to ``max_hidden`` last-layer hidden states, evenly spread."""
+    pad = task.target_dictionary.pad()
+    per_sample: Dict[int, Tuple[np.ndarray, ...]] = {}
+    hidden_chunks: List[torch.Tensor] = []
+    per_batch = max(1, math.ceil(max_hidden / max(1, len(itr))))
+    for sample in _progress(itr, "scoring", total=len(itr), enabled=show_progress):
+        if "net_input" not in sample:
+            continue
+        src = sample["net_input"]["src_tokens"].to(device)
+        target = sample["target"].to(device)
+        features, _ = model.decoder.extract_features(src, encoder_out=None)
+        logits = model.decoder.output_layer(features)
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        argmax = lprobs.argmax(-1)
+        scored = target.ne(pad)
+        states = features[scored]
+        keep = torch.linspace(0, states.size(0) - 1, min(states.size(0), per_batch)).long() if states.size(0) else []
+        hidden_chunks.append(states[keep].float().cpu())
+        for row, sample_id in enumerate(sample["id"].tolist()):
+            mask = scored[row]
+            per_sample[sample_id] = (target[row][mask].cpu().numpy(), nll[row][mask].double().cpu().numpy(),
+                                     argmax[row][mask].cpu().numpy())
+    if not per_sample:
+        raise EvalError("the split holds no scorable tokens")
+    order = sorted(per_sample)
+    out = {key: np.concatenate([per_sample[i][k] for i in order]) for k, key in enumerate(("targets", "nll", "argmax"))}
+    hidden = torch.cat(hidden_chunks)
+    if hidden.size(0) > max_hidden:
+        hidden = hidden[torch.linspace(0, hidden.size(0) - 1, max_hidden).long()]
+    out["hidden"] = hidden.numpy()
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_len: int, gen_len: int,
+                         num_texts: int, batch_size: int, show_progress: bool) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
+    """Greedy continuations of ``gen_len`` tokens after ``prefix_len``-token prefixes taken at
+    evenly spaced, non-overlapping places of the split; also the human continuations."""
+    span = prefix_len + gen_len
+    available = len(stream) // span
+    if available == 0:
+        raise EvalError(f"the split has {len(stream)} tokens, fewer than one prefix + continuation ({span})")
+    count = min(num_texts, available)
+    starts = (np.linspace(0, available - 1, count).round().astype(np.int64)) * span
+    prefixes = [stream[s:s + prefix_len].tolist() for s in starts]
+    human = [stream[s + prefix_len:s + span].tolist() for s in starts]
+    generated: List[List[int]] = []
+    banned = [dictionary.pad(), dictionary.bos()]
+    batches = range(0, count, batch_size)
+    for b in _progress(batches, "generating", total=len(batches), enabled=show_progress):
+        tokens = torch.tensor(prefixes[b:b + batch_size], dtype=torch.long, device=device)
+        state: Dict = {}
+        step_logits = None
+        for t in range(prefix_len):  # fairseq's incremental decoding takes one token per call
+            step_logits, _ = model.decoder(tokens[:, : t + 1], incremental_state=state)
+        for _ in range(gen_len):
+            logits = step_logits[:, -1, :].float()
+            logits[:, banned] = -math.inf
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_logits, _ = model.decoder(tokens, incremental_state=state)
+        generated.extend(tokens[:, prefix_len:].cpu().tolist())
+    return prefixes, generated, human
+
+
+def _representer(args, dictionary):
+    """word -> dictionary ids of its subwords (None if any piece is unknown)."""
+    encode = None
+    if args.bpe != "none":
+        from fairseq.data import encoders
+
+        bpe_args = argparse.Namespace(bpe=args.bpe, gpt2_encoder_json=args.gpt2_encoder_json,
+                                      gpt2_vocab_bpe=args.gpt2_vocab_bpe, sentencepiece_model=args.sentencepiece_model,
+                                      bpe_codes=args.bpe_codes, bpe_separator="@@")
+        try:
+            bpe = encoders.build_bpe(bpe_args)
+        except Exception as err:  # noqa: BLE001 - fairseq raises many kinds here
+            raise EvalError(f"--bpe {args.bpe}: cannot build the encoder ({err})") from err
+        # GPT-2 pieces carry their leading space: a word inside a sentence
+        encode = (lambda w: bpe.encode(" " + w)) if args.bpe == "gpt2" else bpe.encode
+
+    def token_ids(word: str) -> Optional[List[int]]:
+        pieces = encode(word).split() if encode else [word]
+        ids = [dictionary.index(p) for p in pieces]
+        return None if not ids or dictionary.unk() in ids else ids
+
+    return token_ids
+
+
+def _wordsim_files(args) -> Dict[str, Path]:
+    chosen = OrderedDict()
+    if args.wordsim:
+        for item in args.wordsim:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise EvalError(f"--wordsim {item!r}: expected NAME=FILE")
+            chosen[name] = Path(path)
+    else:
+        for name in WORDSIM_NAMES:
+            full = REPO_DIR / "data" / "wordsim" / WORDSIM_FILES[name]
+            excerpt = REPO_DIR / "data" / "wordsim" / "excerpts" / WORDSIM_FILES[name]
+            chosen[name] = full if full.is_file() else excerpt
+    for name, path in chosen.items():
+        if not path.is_file():
+            raise EvalError(f"word-similarity file for {name} not found: {path} "
+                            "(scripts/download-wordsim.sh fetches the four datasets)")
+    return chosen
+
+
+def _token_label(dictionary, token: int, group_of: np.ndarray) -> str:
+    tag = {0: "", 1: "", 2: " [rare]"}.get(int(group_of[token]), "")
+    return dictionary[token] + tag
+
+
+def choose_queries(args, dictionary, groups, count: int = 3) -> List[int]:
+    if args.neighbours:
+        ids = []
+        for word in args.neighbours:
+            index = dictionary.index(word)
+            if index == dictionary.unk():
+                raise EvalError(f"--neighbours: {word!r} is not in the dictionary")
+            ids.append(index)
+        return ids
+    rare = groups["rare"]
+    # rare tokens at evenly spaced places of the group (sorted by id, i.e. first seen)
+    return [int(rare[i]) for i in np.linspace(0, len(rare) - 1, count).round().astype(int)] if len(rare) else []
+
+
+def neighbours_table(weight, dictionary, queries, group_of, k: int, candidates=None,
+                     label=None) -> List[Dict]:
+    label = label or (lambda t: _token_label(dictionary, t, group_of))
+    rows = []
+    for query, found in zip(queries, metrics.nearest_neighbours(weight, queries, k=k, candidates=candidates)):
+        rows.append({"query": dictionary[query], "neighbours": [label(t) for t, _ in found],
+                     "cosines": [round(c, 4) for _, c in found]})
+    return rows
+
+
+def evaluate_lm(args) -> Dict:
+    start = time.time()
+    model, task, itr, device, scoring = setup_lm(args)
+    dictionary = task.target_dictionary
+    vocab = len(dictionary)
+    counts = load_dictionary_counts(dictionary)
+    groups = metrics.frequency_groups(counts, dictionary.nspecial)
+    group_of = metrics.group_of_tokens(groups, vocab)
+    weight = output_embedding(model)
+    show = not args.no_progress_bar
+
+    print(f"[eval] scoring '{args.subset}' (tokens per sample {scoring['tokens_per_sample']}, "
+          f"context window {scoring['context_window']})", file=sys.stderr, flush=True)
+    scored = score_lm(model, task, itr, device, args.max_hidden_states, show)
+    result: Dict = {"kind": "lm", "name": args.name, "checkpoint": str(args.path), "data": str(args.data),
+                    "scoring": scoring, "vocab_size": vocab,
+                    "group_sizes": {n: int(len(ids)) for n, ids in groups.items()}}
+    result["ppl"] = metrics.group_perplexity(scored["nll"], scored["targets"], groups, vocab)
+    result["uniq"] = metrics.unique_tokens(scored["argmax"], groups, vocab)
+    result["human"] = metrics.unique_tokens(scored["targets"], groups, vocab)
+    result["next_token"] = metrics.next_token_repetition(scored["argmax"], scored["targets"])
+
+    print("[eval] isotropy and geometry", file=sys.stderr, flush=True)
+    result["isotropy"] = metrics.isotropy_by_group(weight, groups)
+    result["geometry"] = metrics.embedding_geometry(weight, counts, dictionary.nspecial)
+    result["geometry"]["hidden_mean_cosine"] = metrics.mean_pairwise_cosine(scored["hidden"])
+    result["geometry"]["hidden_states_sampled"] = int(scored["hidden"].shape[0])
+    spectrum = metrics.singular_spectrum(weight[dictionary.nspecial:])
+    result["singular_values"] = spectrum["normalized"]
+
+    representer = _representer(args, dictionary)
+    result["word_similarity"] = OrderedDict()
+    for name, path in _wordsim_files(args).items():
+        entry = metrics.word_similarity(metrics.load_word_similarity(path), weight, representer)
+        entry["file"] = str(path)
+        result["word_similarity"][name] = entry
+
+    queries = choose_queries(args, dictionary, groups)
+    result["neighbours"] = neighbours_table(weight, dictionary, queries, group_of, args.k,
+                                            candidates=np.arange(dictionary.nspecial, vocab))
+
+    if args.num_texts > 0:
+        prefixes, generated, human = greedy_continuations(
+            model, scored["targets"], dictionary, device, args.prefix_len, args.gen_len, args.num_texts,
+            args.batch_size, show)
+        result["generation"] = {"model": metrics.continuation_metrics(generated),
+                                "human": metrics.continuation_metrics(human),
+                                "prefix_len": args.prefix_len, "gen_len": args.gen_len}
+        result["generation"]["examples"] = [
+            {"prefix": dictionary.string(torch.tensor(p)), "continuation": dictionary.string(torch.tensor(g)),
+             "uniq": len(set(g))}
+            for p, g in list(zip(prefixes, generated))[: args.examples]]
+
+    result["training"] = training_curves(args, groups)
+    result["seconds"] = round(time.time() - start, 1)
+    write_outputs(args.out, result, lambda out: draw_lm_figures(out, weight, groups, result, dictionary.nspecial))
+    return result
+
+
+# -- training curves (Figures 2 and 4) -------------------------------------------------------------
+
+_LOG_VALUE = re.compile(r"\b(agg_rare|num_updates)[ =]+([\d.]+)")
+
+
+def parse_train_log(path: Path) -> List[Tuple[int, float]]:
+    """(update, AGG rare-group size) from fairseq-train's ``train_inner`` log lines (simple,
+    json or tqdm formats)."""
+    points = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "train_inner" not in line:
+            continue
+        if "{" in line:
+            try:
+                record = json.loads(line[line.index("{"):])
+                if "agg_rare" in record and "num_updates" in record:
+                    points.append((int(float(record["num_updates"])), float(record["agg_rare"])))
+                continue
+            except ValueError:
+                pass
+        values = dict(_LOG_VALUE.findall(line))
+        if "agg_rare" in values and "num_updates" in values:
+            points.append((int(float(values["num_updates"])), float(values["agg_rare"])))
+    return points
+
+
+def isotropy_over_training(checkpoint_dir: Path, groups, show_progress: bool) -> List[Dict]:
+    """I(W) (total and per group) of every ``checkpoint_<epoch>_<update>.pt`` and of
+    ``checkpoint_last.pt`` in a save directory, by update."""
+    from fairseq import checkpoint_utils
+
+    found = {}
+    for path in sorted(checkpoint_dir.glob("checkpoint*.pt")):
+        if re.fullmatch(r"checkpoint(_\d+_\d+|_last|\d+)\.pt", path.name):
+            found[path] = None
+    points = {}
+    for path in _progress(list(found), "checkpoints", enabled=show_progress):
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+        update = int(state["optimizer_history"][-1]["num_updates"])
+        if update in points:
+            continue
+        model_state = state["model"]
+        weight = None
+        for key in ("decoder.output_projection.weight", "decoder.embed_tokens.weight"):
+            if key in model_state:
+                weight = model_state[key].float()
+                break
+        if weight is None:
+            continue
+        iso = metrics.isotropy_by_group(weight, groups)
+        iso["update"] = update
+        points[update] = iso
+    return [points[u] for u in sorted(points)]
+
+
+def training_curves(args, groups) -> Dict:
+    curves: Dict = {}
+    log = args.train_log or args.path.parent / "train.log"
+    if log.is_file():
+        curves["rare_group_size"] = parse_train_log(log)
+    if not args.no_training_curves:
+        curves["isotropy"] = isotropy_over_training(args.path.parent, groups, not args.no_progress_bar)
+    return curves
+
+
+# -- translation ---------------------------------------------------------------------------------
+
+def run_generate(args, out_dir: Path) -> Path:
+    """fairseq-generate with the paper's decoding (beam 4, length penalty 0.6), BPE removed."""
+    state = checkpoint_config(args.path)
+    target = out_dir / f"generate-{args.subset}.txt"
+    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(args.data), "--path", str(args.path),
+           "--user-dir", str(PACKAGE_DIR), "--task", _task_name(state), "--gen-subset", args.subset,
+           "--beam", str(args.beam), "--lenpen", str(args.lenpen), "--remove-bpe",
+           "--max-tokens", str(args.max_tokens), "--num-workers", "0"]
+    if args.cpu:
+        cmd.append("--cpu")
+    if args.fp16:
+        cmd.append("--fp16")
+    print(f"[eval] fairseq-generate (beam {args.beam}, lenpen {args.lenpen}) -> {target}", file=sys.stderr, flush=True)
+    with open(target, "w", encoding="utf-8") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise EvalError(f"fairseq-generate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return target
+
+
+def parse_generate_output(path: Path) -> Tuple[List[str], List[str]]:
+    """Hypotheses (H lines) and references (T lines) of a fairseq-generate log, in id order."""
+    hyps, refs = {}, {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("H-"):
+            sid, _score, *text = line[2:].split("\t")
+            hyps[int(sid)] = text[0] if text else ""
+        elif line.startswith("T-"):
+            sid, *text = line[2:].split("\t")
+            refs[int(sid)] = text[0] if text else ""
+    if not hyps:
+        raise EvalError(f"{path} holds no hypotheses (H-* lines): not fairseq-generate output")
+    missing = sorted(set(hyps) ^ set(refs))
+    if missing:
+        raise EvalError(f"{path}: ids {missing[:5]} lack a hypothesis or a reference")
+    ids = sorted(hyps)
+    return [hyps[i] for i in ids], [refs[i] for i in ids]
+
+
+def evaluate_mt(args) -> Dict:
+    from fairseq import checkpoint_utils, tasks
+    from fairseq.data import data_utils
+    from sacremoses import MosesDetokenizer
+
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    state = checkpoint_config(args.path)
+    task_cfg = state["cfg"]["task"]
+    src, tgt = task_cfg["source_lang"], task_cfg["target_lang"]
+    result: Dict = {"kind": "mt", "name": args.name, "checkpoint": str(args.path), "data": str(args.data),
+                    "direction": f"{src}-{tgt}"}
+
+    generate_output = args.generate_output or run_generate(args, args.out)
+    hyps, refs = parse_generate_output(generate_output)
+    tok = metrics.tokenized_bleu(hyps, refs)
+    result["bleu"] = {"tokenized_compound_split": round(tok.score, 2), "tokenized_signature": "compound-split, tokenize=none",
+                      "sentences": len(hyps), "generate_output": str(generate_output)}
+    detok = MosesDetokenizer(lang=tgt)
+    detok_hyps = [detok.detokenize(h.split()) for h in hyps]
+    if args.reference:
+        raw_refs = Path(args.reference).read_text(encoding="utf-8").splitlines()
+        if len(raw_refs) != len(hyps):
+            raise EvalError(f"--reference {args.reference} has {len(raw_refs)} lines for {len(hyps)} hypotheses")
+        reference_kind = f"raw reference {args.reference}"
+    else:
+        raw_refs = [detok.detokenize(r.split()) for r in refs]
+        reference_kind = "detokenized T lines of fairseq-generate (pass --reference for the raw test set)"
+    sacre = metrics.detokenized_bleu(detok_hyps, raw_refs)
+    result["bleu"]["sacrebleu"] = round(sacre.score, 2)
+    result["bleu"]["sacrebleu_reference"] = reference_kind
+
+    from fairseq import options, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_generation_parser()
+    argv = [str(args.data), "--path", str(args.path), "--user-dir", str(PACKAGE_DIR), "--task", _task_name(state)]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], task=task)
+    model = models[0]
+    tgt_dict, src_dict = task.target_dictionary, task.source_dictionary
+    _check_vocabulary(model, tgt_dict, f"{args.data}/dict.{tgt}.txt")
+    weight = output_embedding(model)
+    counts = load_dictionary_counts(tgt_dict)
+    groups = metrics.frequency_groups(counts, tgt_dict.nspecial)
+    group_of = metrics.group_of_tokens(groups, len(tgt_dict))
+    result["vocab_size"] = len(tgt_dict)
+    result["group_sizes"] = {n: int(len(ids)) for n, ids in groups.items()}
+    result["isotropy"] = metrics.isotropy_by_group(weight, groups)
+    result["geometry"] = metrics.embedding_geometry(weight, counts, tgt_dict.nspecial)
+    result["singular_values"] = metrics.singular_spectrum(weight[tgt_dict.nspecial:])["normalized"]
+
+    # Cross-lingual neighbours (Table 14): source words among the rows of a joined dictionary,
+    # each neighbour tagged with the side of the training data it mostly occurs on.
+    if src_dict.symbols == tgt_dict.symbols:
+        side_counts = {}
+        for lang in (src, tgt):
+            prefix = Path(args.data) / f"train.{src}-{tgt}.{lang}"
+            dataset = data_utils.load_indexed_dataset(str(prefix), tgt_dict)
+            if dataset is None:
+                side_counts = {}
+                break
+            side_counts[lang] = np.bincount(np.concatenate([dataset[i].numpy() for i in range(len(dataset))]),
+                                            minlength=len(tgt_dict))
+        if args.neighbours:
+            queries = choose_queries(args, src_dict, groups)
+        else:
+            # rare tokens of the source side
+            source_only = [t for t in groups["rare"] if side_counts and side_counts[src][t] > side_counts[tgt][t]]
+            pool = source_only or list(groups["rare"])
+            queries = [int(pool[i]) for i in np.linspace(0, len(pool) - 1, min(3, len(pool))).round().astype(int)]
+
+        def label(token: int) -> str:
+            text = _token_label(tgt_dict, token, group_of)
+            if side_counts and side_counts[tgt][token] > side_counts[src][token]:
+                text += f" ({tgt})"
+            return text
+
+        result["cross_lingual_neighbours"] = neighbours_table(
+            weight, tgt_dict, queries, group_of, args.k, candidates=np.arange(tgt_dict.nspecial, len(tgt_dict)), label=label)
+    else:
+        result["cross_lingual_neighbours"] = None
+        result["cross_lingual_note"] = "source and target dictionaries differ: no shared embedding space"
+    result["seconds"] = round(time.time() - start, 1)
+    write_outputs(args.out, result, lambda out: draw_mt_figures(out, weight, groups, tgt_dict.nspecial))
+    return result
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+def write_outputs(out: Path, result: Dict, draw) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    from fairseq_agg import figures  # noqa: F401 - fail before writing anything if matplotlib is missing
+
+    result["figures"] = draw(out)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    from fairseq_agg.report import run_report
+
+    (out / "report.md").write_text(run_report(result), encoding="utf-8")
+    print(f"[eval] wrote {out / 'results.json'}, {out / 'report.md'} and {len(result['figures'])} figures",
+          file=sys.stderr, flush=True)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def draw_lm_figures(out: Path, weight, groups, result: Dict, nspecial: int) -> Dict[str, str]:
+    from fairseq_agg import figures
+
+    name = result["name"]
+    drawn = {"svd_projection": figures.svd_projection(out / "svd_projection.png", weight, groups, title=name),
+             "singular_values": figures.singular_values(out / "singular_values.png", {name: result["singular_values"]})}
+    curves = result.get("training", {})
+    if curves.get("rare_group_size"):
+        drawn["rare_group_size"] = figures.rare_group_size(out / "rare_group_size.png", {name: curves["rare_group_size"]})
+    if curves.get("isotropy"):
+        drawn["isotropy_over_training"] = figures.isotropy_over_training(out / "isotropy_over_training.png",
+                                                                          {name: curves["isotropy"]})
+    return {k: os.path.basename(v) for k, v in drawn.items()}
+
+
+def draw_mt_figures(out: Path, weight, groups, nspecial: int) -> Dict[str, str]:
+    from fairseq_agg import figures
+
+    drawn = {"svd_projection": figures.svd_projection(out / "svd_projection.png", weight, groups),
+             "singular_values": figures.singular_values(out / "singular_values.png",
+                                                        {"": metrics.singular_spectrum(weight[nspecial:])["normalized"]})}
+    return {k: os.path.basename(v) for k, v in drawn.items()}
+
+
+def compare(args) -> str:
+    from fairseq_agg import figures
+    from fairseq_agg.report import compare_report
+
+    runs = OrderedDict()
+    for path in args.results:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "results.json"
+        if not path.is_file():
+            raise EvalError(f"{path} does not exist (give results.json files or the folders holding them)")
+        result = json.loads(path.read_text(encoding="utf-8"))
+        name = result.get("name") or path.parent.name
+        if name in runs:
+            name = f"{name} ({path.parent})"
+        runs[name] = result
+    if args.names:
+        if len(args.names) != len(runs):
+            raise EvalError(f"--names gives {len(args.names)} names for {len(runs)} runs")
+        runs = OrderedDict(zip(args.names, runs.values()))
+    kinds = {r.get("kind") for r in runs.values()}
+    if len(kinds) != 1:
+        raise EvalError(f"cannot compare runs of different kinds: {sorted(map(str, kinds))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    drawn = {"singular_values": figures.singular_values(args.out / "singular_values.png",
+                                                        {n: r["singular_values"] for n, r in runs.items()})}
+    iso = {n: r["training"]["isotropy"] for n, r in runs.items() if r.get("training", {}).get("isotropy")}
+    if iso:
+        drawn["isotropy_over_training"] = figures.isotropy_over_training(args.out / "isotropy_over_training.png", iso)
+    rare = {n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")}
+    if rare:
+        drawn["rare_group_size"] = figures.rare_group_size(args.out / "rare_group_size.png", rare)
+    text = compare_report(runs, tables=args.tables, figures={k: os.path.basename(v) for k, v in drawn.items()})
+    (args.out / "compare.md").write_text(text, encoding="utf-8")
+    (args.out / "compare.json").write_text(json.dumps({"runs": list(runs), "tables": args.tables}, indent=2) + "\n")
+    print(text)
+    return text
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fairseq-agg-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q):
+        q.add_argument("data", type=Path, help="fairseq data-bin folder the checkpoint was trained on")
+        q.add_argument("--path", type=Path, required=True, help="checkpoint to evaluate")
+        q.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and figures")
+        q.add_argument("--name", default=None, help="run name in reports (default: the checkpoint's folder name)")
+        q.add_argument("--subset", default="test", help="split to evaluate (default: %(default)s)")
+        q.add_argument("--max-tokens", type=int, default=4096, help="tokens per scoring batch (default: %(default)s)")
+        q.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+        q.add_argument("--fp16", action="store_true", help="run the model in float16 (GPU)")
+        q.add_argument("--k", type=int, default=5, help="nearest neighbours per query (default: %(default)s)")
+        q.add_argument("--neighbours", nargs="+", default=None, metavar="TOKEN",
+                       help="tokens whose nearest neighbours to list (default: three rare-group tokens)")
+        q.add_argument("--no-progress-bar", action="store_true")
+
+    lm = sub.add_parser("lm", help="language model: PPL/Uniq per frequency group, I(W), word similarity, "
+                        "neighbours, greedy generation, rep/wrep, geometry, figures")
+    common(lm)
+    lm.add_argument("--tokens-per-sample", type=int, default=None,
+                    help="scoring block length (default: the checkpoint's training value)")
+    lm.add_argument("--context-window", type=int, default=None,
+                    help="tokens of context before each scored block, as fairseq-eval-lm "
+                    "(default: half of --tokens-per-sample)")
+    lm.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"],
+                    help="as fairseq-eval-lm (default: %(default)s)")
+    lm.add_argument("--wordsim", nargs="+", default=None, metavar="NAME=FILE",
+                    help="word-similarity files (default: MEN, WS353, RG65, RW from data/wordsim, the "
+                    "excerpts shipped in data/wordsim/excerpts unless scripts/download-wordsim.sh fetched them)")
+    lm.add_argument("--bpe", default="none", choices=["none", "gpt2", "sentencepiece", "subword_nmt"],
+                    help="how words map to dictionary pieces for word similarity (default: %(default)s)")
+    lm.add_argument("--gpt2-encoder-json", default="https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/encoder.json")
+    lm.add_argument("--gpt2-vocab-bpe", default="https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/vocab.bpe")
+    lm.add_argument("--sentencepiece-model", default=None)
+    lm.add_argument("--bpe-codes", default=None)
+    lm.add_argument("--num-texts", type=int, default=100,
+                    help="greedy continuations to generate; 0 skips generation (default: %(default)s)")
+    lm.add_argument("--prefix-len", type=int, default=50, help="(default: %(default)s)")
+    lm.add_argument("--gen-len", type=int, default=100, help="(default: %(default)s)")
+    lm.add_argument("--batch-size", type=int, default=32, help="continuations generated at once (default: %(default)s)")
+    lm.add_argument("--examples", type=int, default=3, help="continuations quoted in the report (default: %(default)s)")
+    lm.add_argument("--max-hidden-states", type=int, default=5000,
+                    help="hidden states sampled for their mean cosine (default: %(default)s)")
+    lm.add_argument("--train-log", type=Path, default=None,
+                    help="fairseq-train log for the rare-group curve (default: train.log next to the checkpoint)")
+    lm.add_argument("--no-training-curves", action="store_true",
+                    help="skip I(W) over the other checkpoints of the checkpoint's folder")
+
+    mt = sub.add_parser("mt", help="translation: tokenized (compound-split) BLEU and sacreBLEU, "
+                        "cross-lingual neighbours, I(W), geometry, figures")
+    common(mt)
+    mt.add_argument("--generate-output", type=Path, default=None,
+                    help="an existing fairseq-generate output to score (default: run fairseq-generate)")
+    mt.add_argument("--reference", type=Path, default=None,
+                    help="raw (untokenized) reference file for sacreBLEU, e.g. newstest2014.de")
+    mt.add_argument("--beam", type=int, default=4, help="(default: %(default)s)")
+    mt.add_argument("--lenpen", type=float, default=0.6, help="(default: %(default)s)")
+
+    cmp_ = sub.add_parser("compare", help="several runs' results.json side by side as the paper's tables")
+    cmp_.add_argument("results", nargs="+", help="results.json files (or folders holding one)")
+    cmp_.add_argument("--out", type=Path, required=True)
+    cmp_.add_argument("--names", nargs="+", default=None, help="row names, one per run (default: each run's name)")
+    cmp_.add_argument("--tables", nargs="+", default=None,
+                      help="tables to write (default: all that the runs support); see fairseq_agg/report.py")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # fairseq 0.12 on current hydra/torch: deprecation notices that say nothing about the run
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(hydra|torch\.utils\.data)")
+    warnings.filterwarnings("ignore", message=".*(schema_matching|strict flag|pin_memory).*")
+    if args.command == "compare":
+        compare(args)
+        return 0
+    if args.name is None:
+        args.name = args.path.resolve().parent.name
+    for option in ("max_tokens", "k"):
+        if getattr(args, option) <= 0:
+            raise EvalError(f"--{option.replace('_', '-')} must be positive")
+    if not args.data.is_dir():
+        raise EvalError(f"data folder {args.data} does not exist")
+    if args.command == "lm":
+        if args.prefix_len <= 0 or args.gen_len <= 0 or args.num_texts < 0 or args.batch_size <= 0:
+            raise EvalError("--prefix-len, --gen-len and --batch-size must be positive, --num-texts non-negative")
+        result = evaluate_lm(args)
+    else:
+        result = evaluate_mt(args)
+    from fairseq_agg.report import summary_line
+
+    print(summary_line(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Markdown reports from the results of ``fairseq-agg-eval``: one run (``run_report``) or
+several side by side in the layout of the paper's tables (``compare_report``).
+
+Table names for ``fairseq-agg-eval compare --tables`` (paper table numbers are accepted too):
+
+==================  ==========  ==========================================================
+name                paper       columns
+==================  ==========  ==========================================================
+groups              3, 4        PPL and Uniq per frequency group and total, I(W); Human row
+isotropy_groups     10, 11      I(W) of the frequent, medium and rare rows
+wordsim             6           Spearman rho x 100 on MEN, WS353, RG65, RW
+ablation            8, 9        total PPL, Uniq, I(W) (also the alpha sweep of Figure 5)
+generation          5, 15       greedy continuations: Uniq per text, seq-rep-n, distinct tokens
+repetition          -           next-token rep/l, wrep/l, accuracy (Welleck et al. 2020)
+geometry            -           mean cosine, mean-embedding norm, norm-frequency correlation,
+                                singular-value entropy, hidden-state mean cosine
+neighbours          13          top-k nearest neighbours of the query tokens
+bleu                7           tokenized BLEU (compound split) and sacreBLEU
+cross_lingual       14          nearest neighbours of source tokens in the shared embedding
+==================  ==========  ==========================================================
+"""
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+LM_TABLES = ("groups", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "neighbours")
+MT_TABLES = ("bleu", "isotropy_groups", "geometry", "cross_lingual")
+TABLE_ALIASES = {"3": "groups", "4": "groups", "10": "isotropy_groups", "11": "isotropy_groups", "6": "wordsim",
+                 "8": "ablation", "9": "ablation", "5": "generation", "15": "generation", "13": "neighbours",
+                 "7": "bleu", "14": "cross_lingual"}
+GROUPS = ("frequent", "medium", "rare")
+GROUP_HEAD = ("Freq", "Med", "Rare")
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:  # NaN
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_first_left: bool = True) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join((":---" if i == 0 and align_first_left else "---:") for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _groups_table(runs: Mapping[str, Dict]) -> str:
+    header = ["Method", *(f"PPL {g}" for g in GROUP_HEAD), "PPL Total", *(f"Uniq {g}" for g in GROUP_HEAD),
+              "Uniq Total", "I(W)"]
+    rows = []
+    for name, r in runs.items():
+        rows.append([name, *(_fmt(r["ppl"][g]["ppl"]) for g in GROUPS), _fmt(r["ppl"]["total"]["ppl"]),
+                     *(str(r["uniq"][g]) for g in GROUPS), str(r["uniq"]["total"]), _fmt(r["isotropy"]["total"], 3)])
+    human = next(iter(runs.values()))["human"]
+    rows.append(["Human", "-", "-", "-", "-", *(str(human[g]) for g in GROUPS), str(human["total"]), "-"])
+    return _table(header, rows)
+
+
+def _isotropy_table(runs) -> str:
+    return _table(["Method", "I(W) Freq", "I(W) Med", "I(W) Rare", "I(W) total"],
+                  [[n, *(_fmt(r["isotropy"][g], 3) for g in GROUPS), _fmt(r["isotropy"]["total"], 3)] for n, r in runs.items()])
+
+
+def _wordsim_table(runs) -> str:
+    names = list(runs)
+    datasets: List[str] = []
+    for r in runs.values():
+        for d in r.get("word_similarity", {}):
+            if d not in datasets:
+                datasets.append(d)
+    rows = []
+    for d in datasets:
+        cells = [d]
+        for n in names:
+            e = runs[n].get("word_similarity", {}).get(d)
+            cells.append("-" if e is None else f"{_fmt(e['spearman'])} ({e['covered']}/{e['pairs']})")
+        rows.append(cells)
+    return _table(["Dataset", *names], rows) + "\n\nSpearman rho x 100 (pairs covered / pairs)."
+
+
+def _ablation_table(runs) -> str:
+    return _table(["Method", "PPL", "Uniq", "I(W)"],
+                  [[n, _fmt(r["ppl"]["total"]["ppl"]), str(r["uniq"]["total"]), _fmt(r["isotropy"]["total"], 3)]
+                   for n, r in runs.items()])
+
+
+def _generation_table(runs) -> Optional[str]:
+    have = {n: r["generation"] for n, r in runs.items() if r.get("generation")}
+    if not have:
+        return None
+    ns = sorted(int(k.split("-")[-1]) for k in next(iter(have.values()))["model"] if k.startswith("seq-rep-"))
+    header = ["Method", "Uniq per text", *(f"seq-rep-{n}" for n in ns), "distinct tokens", "texts"]
+    rows = []
+    for n, g in have.items():
+        m = g["model"]
+        rows.append([n, _fmt(m["uniq_per_text"], 1), *(_fmt(m[f"seq-rep-{k}"], 3) for k in ns), str(m["distinct_tokens"]), str(m["texts"])])
+    h = next(iter(have.values()))["human"]
+    rows.append(["Human", _fmt(h["uniq_per_text"], 1), *(_fmt(h[f"seq-rep-{k}"], 3) for k in ns), str(h["distinct_tokens"]), str(h["texts"])])
+    first = next(iter(have.values()))
+    return _table(header, rows) + (f"\n\nGreedy continuations of {first['gen_len']} tokens after "
+                                   f"{first['prefix_len']}-token prefixes of the test split.")
+
+
+def _repetition_table(runs) -> str:
+    keys = [k for k in next(iter(runs.values()))["next_token"] if k != "acc"]
+    return _table(["Method", "acc", *keys],
+                  [[n, _fmt(r["next_token"]["acc"], 3), *(_fmt(r["next_token"][k], 3) for k in keys)] for n, r in runs.items()])
+
+
+def _geometry_table(runs) -> str:
+    keys = [("mean_cosine", "mean cos", 3), ("mean_embedding_norm", "|mean|", 3),
+            ("mean_embedding_norm_ratio", "|mean| / mean norm", 3), ("norm_logfreq_pearson", "corr(norm, log p)", 3),
+            ("singular_entropy_normalized", "SV entropy / log d", 3), ("hidden_mean_cosine", "hidden mean cos", 3)]
+    keys = [k for k in keys if any(k[0] in r.get("geometry", {}) for r in runs.values())]
+    return _table(["Method", *(k[1] for k in keys)],
+                  [[n, *(_fmt(r["geometry"].get(k[0]), k[2]) for k in keys)] for n, r in runs.items()])
+
+
+def _neighbours_table(runs, key: str) -> Optional[str]:
+    have = {n: r[key] for n, r in runs.items() if r.get(key)}
+    if not have:
+        return None
+    queries: List[str] = []
+    for rows in have.values():
+        for row in rows:
+            if row["query"] not in queries:
+                queries.append(row["query"])
+    k = max(len(row["neighbours"]) for rows in have.values() for row in rows)
+    header, body = [], []
+    for q in queries:
+        header += [f"{q}: {n}" for n in have]
+    for i in range(k):
+        cells = []
+        for q in queries:
+            for n, rows in have.items():
+                row = next((x for x in rows if x["query"] == q), None)
+                cells.append(row["neighbours"][i] if row and i < len(row["neighbours"]) else "-")
+        body.append(cells)
+    return _table(header, body, align_first_left=False) + "\n\n[rare]: the neighbour is in the rare 20% of the dictionary."
+
+
+def _bleu_table(runs) -> str:
+    return _table(["Method", "BLEU (tokenized, compound split)", "sacreBLEU", "sentences"],
+                  [[n, _fmt(r["bleu"]["tokenized_compound_split"]), _fmt(r["bleu"]["sacrebleu"]), str(r["bleu"]["sentences"])]
+                   for n, r in runs.items()])
+
+
+TITLES = {
+    "groups": "Perplexity and Uniq per frequency group (paper Tables 3-4)",
+    "isotropy_groups": "I(W) per frequency group (paper Tables 10-11)",
+    "wordsim": "Word similarity (paper Table 6)",
+    "ablation": "PPL, Uniq, I(W) (paper Tables 8-9, Figure 5)",
+    "generation": "Greedy generation (paper Tables 5 and 15)",
+    "repetition": "Next-token repetition (Welleck et al. 2020)",
+    "geometry": "Embedding geometry",
+    "neighbours": "Nearest neighbours (paper Table 13)",
+    "bleu": "BLEU (paper Table 7)",
+    "cross_lingual": "Cross-lingual nearest neighbours (paper Table 14)",
+}
+
+
+def _render(name: str, runs) -> Optional[str]:
+    return {
+        "groups": lambda: _groups_table(runs),
+        "isotropy_groups": lambda: _isotropy_table(runs),
+        "wordsim": lambda: _wordsim_table(runs),
+        "ablation": lambda: _ablation_table(runs),
+        "generation": lambda: _generation_table(runs),
+        "repetition": lambda: _repetition_table(runs),
+        "geometry": lambda: _geometry_table(runs),
+        "neighbours": lambda: _neighbours_table(runs, "neighbours"),
+        "bleu": lambda: _bleu_table(runs),
+        "cross_lingual": lambda: _neighbours_table(runs, "cross_lingual_neighbours"),
+    }[name]()
+
+
+def resolve_tables(tables: Optional[Sequence[str]], kind: str) -> List[str]:
+    available = LM_TABLES if kind == "lm" else MT_TABLES
+    if not tables:
+        return list(available)
+    out = []
+    for t in tables:
+        name = TABLE_ALIASES.get(t, t)
+        if name not in available:
+            raise SystemExit(f"fairseq-agg-eval: table {t!r} is not available for {kind} runs "
+                             f"(choose from {', '.join(available)} or paper table numbers)")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def compare_report(runs: Mapping[str, Dict], tables: Optional[Sequence[str]] = None,
+                   figures: Optional[Mapping[str, str]] = None) -> str:
+    kind = next(iter(runs.values()))["kind"]
+    parts = [f"# Comparison: {', '.join(runs)}", ""]
+    for name in resolve_tables(tables, kind):
+        body = _render(name, runs)
+        if body:
+            parts += [f"## {TITLES[name]}", "", body, ""]
+    for key, file in (figures or {}).items():
+        parts += [f"![{key}]({file})", ""]
+    return "\n".join(parts)
+
+
+def run_report(result: Dict) -> str:
+    runs = {result["name"]: result}
+    parts = [f"# Evaluation of {result['name']}", "",
+             f"Checkpoint `{result['checkpoint']}`, data `{result['data']}`."]
+    if result["kind"] == "lm":
+        s = result["scoring"]
+        parts += [f"Split `{s['subset']}` scored in blocks of {s['tokens_per_sample']} tokens with a context window "
+                  f"of {s['context_window']} (as fairseq-eval-lm); dictionary of {result['vocab_size']} entries, "
+                  f"groups {result['group_sizes']}.", ""]
+    else:
+        parts += [f"Dictionary of {result['vocab_size']} entries, groups {result['group_sizes']}; "
+                  f"sacreBLEU against {result['bleu']['sacrebleu_reference']}.", ""]
+    for name in (LM_TABLES if result["kind"] == "lm" else MT_TABLES):
+        body = _render(name, runs)
+        if body:
+            parts += [f"## {TITLES[name]}", "", body, ""]
+    if result.get("cross_lingual_note"):
+        parts += [f"Cross-lingual neighbours: {result['cross_lingual_note']}.", ""]
+    for example in (result.get("generation") or {}).get("examples", []):
+        parts += [f"> **Prefix:** {example['prefix']}", ">", f"> **Continuation** (Uniq {example['uniq']}): "
+                  f"{example['continuation']}", ""]
+    for key, file in result.get("figures", {}).items():
+        parts += [f"![{key}]({file})", ""]
+    return "\n".join(parts)
+
+
+def summary_line(result: Dict) -> str:
+    if result["kind"] == "lm":
+        p = result["ppl"]
+        return (f"{result['name']}: PPL {p['total']['ppl']:.2f} (rare {p['rare']['ppl']:.2f}), "
+                f"Uniq {result['uniq']['total']}, I(W) {result['isotropy']['total']:.3f}")
+    return (f"{result['name']}: BLEU {result['bleu']['tokenized_compound_split']:.2f} (tokenized, compound split), "
+            f"sacreBLEU {result['bleu']['sacrebleu']:.2f}, I(W) {result['isotropy']['total']:.3f}")
