@@ -1,9 +1,10 @@
 """fairseq-agg: Adaptive Gradient Gating (Yu et al., ACL 2022) as a fairseq plug-in.
 
 ``--user-dir fairseq_agg`` registers the criteria ``agg_cross_entropy``,
-``agg_unlikelihood`` and ``unlikelihood_cross_entropy`` and the tasks
-``language_modeling_agg`` and ``translation_agg``. The math lives in
-:mod:`fairseq_agg.core`, which needs PyTorch only and works without fairseq installed.
+``agg_unlikelihood``, ``unlikelihood_cross_entropy`` and ``cosreg_cross_entropy``, the tasks
+``language_modeling_agg`` and ``translation_agg``, and the optimizer ``coupled_adam``. The math
+lives in :mod:`fairseq_agg.core` (AGG) and :mod:`fairseq_agg.remedies` (Coupled Adam, CosReg,
+post-hoc remedies), which need PyTorch only and work without fairseq installed.
 """
 
 __version__ = "0.1.0"
@@ -15,4 +16,4 @@ except ImportError:
 else:
     # Registered on any import of the package: fairseq's --user-dir does not re-import a
     # package that was imported before it.
-    from fairseq_agg import criterions, tasks  # noqa: F401
+    from fairseq_agg import criterions, optim, tasks  # noqa: F401

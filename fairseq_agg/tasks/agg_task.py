@@ -10,6 +10,7 @@ import torch
 from fairseq.distributed import utils as distributed_utils
 
 from fairseq_agg.core import TokenCounter
+from fairseq_agg.optim.coupled_adam import mark_embedding_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class AggTaskMixin:
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         model.agg_counter = AggCounterState(self)
+        mark_embedding_parameters(model)  # read by --optimizer coupled_adam only
         return model
 
     def get_batch_iterator(self, dataset, *args, epoch=1, **kwargs):
