@@ -1,0 +1,168 @@
+# Sourced by scripts/prepare-*.sh: messages, the up-front checks of tools and Python modules,
+# downloads, and the output discipline: everything is written into OUT.partial.PID next to the
+# destination, which gets a COMPLETE marker and is moved to OUT only when every step succeeded.
+# So OUT either does not exist or is complete, whatever interrupts a run; a partial directory
+# left by a killed run is removed by the next run.
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+COMPLETE_MARKER=COMPLETE
+# The text tools of fairseq_agg/prepare, run as files (importing the fairseq_agg package would
+# import fairseq, seconds of start-up per step).
+PREPARE_PY=$REPO_ROOT/fairseq_agg/prepare
+
+log() { printf '[%s %s] %s\n' "$PROG" "$(date +%H:%M:%S)" "$*" >&2; }
+
+die() {
+    printf '%s: error: %s\n' "$PROG" "$1" >&2
+    shift
+    local line
+    for line in "$@"; do printf '  %s\n' "$line" >&2; done
+    exit 1
+}
+
+cpu_count() { nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1; }
+
+# require_commands NAME...: every command must be on PATH.
+require_commands() {
+    local name missing=()
+    for name in "$@"; do
+        command -v "$name" >/dev/null 2>&1 || missing+=("$name")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    local hints=()
+    for name in "${missing[@]}"; do
+        hints+=("$name: install it with your package manager (e.g. apt-get install $name)")
+    done
+    die "missing command(s): ${missing[*]}" "${hints[@]}"
+}
+
+# require_python_modules MODULE=PIP_PACKAGE...: every module must be importable by $PYTHON.
+# Checked with importlib.util.find_spec, which finds a module without importing it (fairseq
+# takes seconds to import).
+require_python_modules() {
+    command -v "$PYTHON" >/dev/null 2>&1 ||
+        die "Python interpreter '$PYTHON' not found" "set PYTHON=/path/to/python3 (3.8 or later)"
+    local missing
+    missing=$("$PYTHON" - "$@" <<'EOF'
+import importlib.util
+import sys
+
+for spec in sys.argv[1:]:
+    module, _, package = spec.partition("=")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        print(f"{module}={package}")
+EOF
+    ) || die "could not run $PYTHON to check for Python modules"
+    [[ -z $missing ]] && return 0
+    local entry hints=() packages=()
+    while IFS= read -r entry; do
+        local module=${entry%%=*} package=${entry#*=}
+        if [[ $package == fairseq ]]; then
+            hints+=("$module: fairseq; run 'bash scripts/setup.sh' (installs torch, then fairseq and this package)")
+        else
+            hints+=("$module: pip install $package")
+            packages+=("$package")
+        fi
+    done <<<"$missing"
+    local python_path
+    python_path=$(command -v "$PYTHON")
+    hints+=("(for $PYTHON = $python_path; 'pip install -e .' in $REPO_ROOT installs them all, or set PYTHON to an interpreter that has them)")
+    die "missing Python module(s): $(tr '\n' ' ' <<<"$missing" | sed 's/=[^ ]*//g')" "${hints[@]}"
+}
+
+# download URL DEST HINT...: DEST appears only once the transfer is complete (curl writes
+# DEST.part first, and resumes it on a later run).
+download() {
+    local url=$1 dest=$2
+    shift 2
+    mkdir -p "$(dirname "$dest")"
+    log "downloading $url -> $dest"
+    local progress_option=(-sS)
+    [[ -t 2 ]] && progress_option=(--progress-bar)
+    local rc=0
+    curl -fL --retry 3 --retry-delay 5 --connect-timeout 30 -C - "${progress_option[@]}" \
+        -o "$dest.part" "$url" || rc=$?
+    if ((rc != 0)); then
+        die "download failed (curl exit code $rc): $url" \
+            "Check the network and the URL, or download the file yourself and put it at $dest" "$@"
+    fi
+    mv "$dest.part" "$dest"
+    log "downloaded $(du -h "$dest" | cut -f1) to $dest"
+}
+
+# begin_output DIR: sets OUT and PARTIAL. Exits 0 when DIR is already complete (unless
+# FORCE=1); refuses a DIR that exists without the marker.
+begin_output() {
+    OUT=${1%/}
+    if [[ -f $OUT/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
+        log "$OUT is already complete ($OUT/$COMPLETE_MARKER); nothing to do (--force redoes it)"
+        exit 0
+    fi
+    if [[ -e $OUT && ! -f $OUT/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
+        die "$OUT exists but has no $COMPLETE_MARKER marker, so it was not completed by this script" \
+            "remove it, or pass --force to replace it"
+    fi
+    mkdir -p "$(dirname "$OUT")"
+    remove_stale "$OUT".partial.* "$OUT".old.*
+    PARTIAL="$OUT.partial.$$"
+    rm -rf "$PARTIAL"
+    mkdir "$PARTIAL"
+    trap _end_output EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
+}
+
+# remove_stale PATH...: removes each PATH.PID whose process PID is gone (an interrupted run).
+remove_stale() {
+    local stale pid
+    for stale in "$@"; do
+        [[ -e $stale ]] || continue
+        pid=${stale##*.}
+        if [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null; then
+            log "removing $stale, left by an interrupted run"
+            rm -rf "$stale"
+        fi
+    done
+}
+
+# Scratch paths outside PARTIAL, removed when the run exits.
+SCRATCH_PATHS=()
+
+_end_output() {
+    local rc=$?
+    if ((${#SCRATCH_PATHS[@]})); then
+        rm -rf "${SCRATCH_PATHS[@]}"
+    fi
+    if [[ -n ${PARTIAL:-} && -d $PARTIAL ]]; then
+        rm -rf "$PARTIAL"
+        log "stopped (exit code $rc); removed $PARTIAL, nothing was written to $OUT"
+    fi
+}
+
+# finish_output SUMMARY_LINE...: writes the marker into PARTIAL, then moves PARTIAL to OUT
+# (replacing a previous OUT only now, with --force).
+finish_output() {
+    {
+        echo "prepared by $PROG on $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        printf '%s\n' "$@"
+    } >"$PARTIAL/$COMPLETE_MARKER"
+    if [[ -e $OUT ]]; then
+        mv "$OUT" "$OUT.old.$$"
+    fi
+    mv "$PARTIAL" "$OUT"
+    PARTIAL=
+    rm -rf "$OUT.old.$$"
+    log "done: $OUT"
+}
+
+# step MESSAGE: a progress message with the time since the start of the run.
+step() { log "[$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+
+need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
+

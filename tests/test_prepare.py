@@ -1,0 +1,376 @@
+"""scripts/prepare-wikitext103.sh, scripts/prepare-wmt14-en-de.sh and fairseq_agg.prepare,
+offline, on data shipped in the repository.
+
+The scripts run in smoke mode on miniatures laid out as the real downloads are: a
+"wikitext-103" directory (and zip) cut from data/wikitext-2, a WMT14 raw-corpus directory
+(Europarl, CommonCrawl and News Commentary files, newstest2013, the newstest2014 .sgm files) cut
+from data/wmt14-en-de-sample, and the GPT-2 BPE files shipped in data/gpt2_bpe. Downloads are
+exercised with file:// URLs. Each script run pays for a few fairseq imports (seconds each).
+"""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+DATA = REPO / "data"
+GPT2_DIR = DATA / "gpt2_bpe"
+RUN_TIMEOUT = 300
+BASH = shutil.which("bash") or "/bin/bash"
+
+# The sha256 that tiktoken pins for OpenAI's GPT-2 encoder.json and vocab.bpe.
+GPT2_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+MOSES_ESCAPES = [("&apos;", "'"), ("&quot;", '"'), ("&lt;", "<"), ("&gt;", ">"),
+                 ("&#91;", "["), ("&#93;", "]"), ("&#124;", "|"), ("&amp;", "&")]
+
+
+def script_env(**extra):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_script(name, *args, env=None, check=True):
+    proc = subprocess.run(
+        [BASH, str(SCRIPTS / name), *map(str, args)], cwd=str(REPO), env=env or script_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def write_lines(path, lines):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def assert_nothing_complete(root: Path, out: Path):
+    """No output directory, no partial directory and no completion marker anywhere under root."""
+    assert not out.exists()
+    assert not list(root.glob(f"{out.name}.partial.*"))
+    assert not list(root.rglob("COMPLETE"))
+
+
+def load_split(prefix, dictionary):
+    from fairseq.data import data_utils
+
+    dataset = data_utils.load_indexed_dataset(str(prefix), dictionary)
+    assert dataset is not None, f"{prefix} does not load"
+    return dataset
+
+
+# -- miniature corpora -------------------------------------------------------------------------
+WIKI_LINES = {"train": 400, "valid": 60, "test": 60}
+
+
+@pytest.fixture(scope="module")
+def wikitext_dir(tmp_path_factory):
+    """A "wikitext-103" directory: the first lines of each shipped WikiText-2 split."""
+    root = tmp_path_factory.mktemp("wikitext") / "wikitext-103"
+    for split, n in WIKI_LINES.items():
+        write_lines(root / f"wiki.{split}.tokens", read_lines(DATA / "wikitext-2" / f"wiki.{split}.tokens")[:n])
+    return root
+
+
+def unescape(line):
+    for escaped, char in MOSES_ESCAPES:
+        line = line.replace(escaped, char)
+    return line
+
+
+@pytest.fixture(scope="module")
+def wmt_raw(tmp_path_factory):
+    """The raw WMT14 layout the archives extract to, cut from the shipped (tokenized) sample with
+    Moses' escapes undone; the test set as newstest2014 .sgm files."""
+    raw = tmp_path_factory.mktemp("wmt14-raw")
+    sample = DATA / "wmt14-en-de-sample"
+    for lang, role in (("en", "src"), ("de", "ref")):
+        train = [unescape(line) for line in read_lines(sample / f"train.{lang}")]
+        write_lines(raw / f"training/europarl-v7.de-en.{lang}", train[:1000])
+        write_lines(raw / f"commoncrawl.de-en.{lang}", train[1000:2000])
+        write_lines(raw / f"training/news-commentary-v9.de-en.{lang}", train[2000:])
+        write_lines(raw / f"dev/newstest2013.{lang}", [unescape(line) for line in read_lines(sample / f"valid.{lang}")])
+        segments = [f'<seg id="{i}">{unescape(line)}</seg>' for i, line in enumerate(read_lines(sample / f"test.{lang}"), 1)]
+        write_lines(
+            raw / f"test-full/newstest2014-deen-{role}.{lang}.sgm",
+            ['<refset setid="newstest2014" srclang="any" trglang="de">', '<doc sysid="ref" docid="1" origlang="en">']
+            + segments + ["</doc>", "</refset>"],
+        )
+    return raw
+
+
+# -- WikiText-103 ------------------------------------------------------------------------------
+def _start(args, env):
+    return subprocess.Popen(
+        [BASH, str(SCRIPTS / "prepare-wikitext103.sh"), *map(str, args)], cwd=str(REPO), env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _interrupt_once_working(proc, root, out, sig):
+    """Send ``sig`` to the run's process group as soon as it has started writing."""
+    deadline = time.time() + 60
+    while not list(root.glob(f"{out.name}.partial.*/work")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "the run never started writing"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, sig)
+    return proc.communicate(timeout=60)[0]
+
+
+def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, wmt_run):
+    import sentencepiece as spm
+    from fairseq.data import Dictionary
+
+    out = tmp_path / "wikitext-103"
+    args = ["--bpe", "sentencepiece", "--vocab-size", 700, "--source", wikitext_dir, "--out", out,
+            "--raw-dir", tmp_path / "raw", "--workers", 2]
+
+    # Ctrl-C: the run cleans up after itself
+    log = _interrupt_once_working(_start(args, script_env()), tmp_path, out, signal.SIGINT)
+    assert "nothing was written to" in log
+    assert_nothing_complete(tmp_path, out)
+
+    # killed outright: its partial directory stays behind, but nothing looks complete
+    _interrupt_once_working(_start(args, script_env()), tmp_path, out, signal.SIGKILL)
+    assert len(list(tmp_path.glob("wikitext-103.partial.*"))) == 1
+    assert not out.exists() and not list(tmp_path.rglob("COMPLETE"))
+
+    log = run_script("prepare-wikitext103.sh", *args).stdout
+    assert "left by an interrupted run" in log
+    assert (out / "COMPLETE").is_file() and not list(tmp_path.glob("wikitext-103.partial.*"))
+
+    dictionary = Dictionary.load(str(out / "dict.txt"))
+    assert len(dictionary) <= 700 + 4 + 8
+    processor = spm.SentencePieceProcessor(model_file=str(out / "bpe" / "spm.model"))
+    assert processor.get_piece_size() == 700
+    for split, n in WIKI_LINES.items():
+        dataset = load_split(out / split, dictionary)
+        assert len(dataset) == n  # one sentence per line, empty lines included
+    train = load_split(out / "train", dictionary)
+    lines = read_lines(wikitext_dir / "wiki.train.tokens")
+    for i in (1, 2, 3):
+        pieces = [dictionary[j] for j in train[i][:-1]]
+        assert train[i][-1] == dictionary.eos()
+        assert processor.decode(pieces) == processor.decode(processor.encode(lines[i].strip()))
+
+    started = time.time()
+    log = run_script("prepare-wikitext103.sh", *args).stdout
+    assert "already complete" in log and time.time() - started < 10
+
+
+def test_wikitext_gpt2_downloaded_from_urls(wikitext_dir, tmp_path, wmt_run):
+    from fairseq.data import Dictionary
+    from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+    archive = tmp_path / "wikitext-103-v1.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for split in WIKI_LINES:
+            z.write(wikitext_dir / f"wiki.{split}.tokens", f"wikitext-103/wiki.{split}.tokens")
+    out, raw = tmp_path / "bin", tmp_path / "raw"
+    out.mkdir()
+    (out / "stale.txt").write_text("not from this script")
+
+    refused = run_script("prepare-wikitext103.sh", "--source", archive.as_uri(), "--raw-dir", raw, "--out", out,
+                         check=False)
+    assert refused.returncode == 1 and "no COMPLETE marker" in refused.stdout
+
+    run_script("prepare-wikitext103.sh", "--source", archive.as_uri(), "--gpt2-url", GPT2_DIR.as_uri(),
+               "--raw-dir", raw, "--out", out, "--workers", 2, "--force")
+    assert (raw / "wikitext-103-v1.zip").read_bytes() == archive.read_bytes()
+    assert (raw / "gpt2_bpe" / "vocab.bpe").read_bytes() == (GPT2_DIR / "vocab.bpe").read_bytes()
+    assert not list(raw.rglob("*.part"))
+    assert (out / "COMPLETE").is_file() and not (out / "stale.txt").exists()
+    assert (out / "bpe" / "encoder.json").is_file()
+
+    dictionary = Dictionary.load(str(out / "dict.txt"))
+    ids = [dictionary[i] for i in range(dictionary.nspecial, len(dictionary))]
+    gpt2_ids = [int(s) for s in ids if not s.startswith("madeupword")]
+    assert all(0 <= i < 50257 for i in gpt2_ids)
+    assert len(gpt2_ids) < 50257  # only the ids seen in train, as in the paper
+
+    encoder = get_encoder(str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe"))
+    lines = read_lines(wikitext_dir / "wiki.train.tokens")
+    train = load_split(out / "train", dictionary)
+    assert len(train) == len(lines)
+    for i in range(0, len(lines), 37):
+        decoded = encoder.decode([int(dictionary[j]) for j in train[i][:-1]])
+        assert decoded == lines[i].strip()
+
+
+def test_gpt2_files_are_openai_and_encoder_matches_known_ids(tmp_path):
+    from fairseq_agg.prepare.gpt2_bpe import encode_files
+
+    for name, sha256 in GPT2_SHA256.items():
+        assert hashlib.sha256((GPT2_DIR / name).read_bytes()).hexdigest() == sha256
+
+    write_lines(tmp_path / "in.txt", ["Hello world", "", " Hello world ", "The quick brown fox"] * 300)
+    encoded = tmp_path / "out.txt"
+    args = (str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe"), [str(tmp_path / "in.txt")], [str(encoded)])
+    assert encode_files(*args, keep_empty=True, workers=2) == (1200, 0)
+    lines = read_lines(encoded)
+    assert lines[:4] == ["15496 995", "", "15496 995", "464 2068 7586 21831"]
+    assert encode_files(*args, keep_empty=False, workers=1) == (900, 300)
+    assert read_lines(encoded)[:3] == ["15496 995", "15496 995", "464 2068 7586 21831"]
+
+
+# -- WMT14 En-De -------------------------------------------------------------------------------
+WMT_MERGES = 400
+
+
+@pytest.fixture(scope="module")
+def wmt_run(wmt_raw, tmp_path_factory):
+    """The WMT smoke run, started in the background when first requested: the WikiText tests ask
+    for it so that it runs alongside them (the scripts spend much of their time importing
+    fairseq, on one core)."""
+    root = tmp_path_factory.mktemp("wmt14-out")
+    out = root / "wmt14_en_de"
+    log = root / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [BASH, str(SCRIPTS / "prepare-wmt14-en-de.sh"), "--raw-dir", str(wmt_raw), "--out", str(out),
+             "--bpe-tokens", str(WMT_MERGES), "--workers", "2", "--keep-text"],
+            cwd=str(REPO), env=script_env(), stdout=f, stderr=subprocess.STDOUT,
+        )
+
+    def finished():
+        rc = proc.wait(timeout=RUN_TIMEOUT)
+        assert rc == 0, f"prepare-wmt14-en-de.sh exited with {rc}:\n{log.read_text()[-6000:]}"
+        return out
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_wmt14_smoke_run_binarizes_a_joined_dictionary(wmt_run):
+    from fairseq.data import Dictionary
+    from sacremoses import MosesTokenizer
+
+    out = wmt_run()
+    merges = WMT_MERGES
+    assert (out / "COMPLETE").is_file()
+    assert not list(out.parent.glob("*.partial.*"))
+    code = read_lines(out / "code")
+    assert code[0].startswith("#version") and 0 < len(code) - 1 <= merges
+    assert (out / "dict.en.txt").read_bytes() == (out / "dict.de.txt").read_bytes()
+    dictionary = Dictionary.load(str(out / "dict.en.txt"))
+    assert len(dictionary) == len(read_lines(out / "dict.en.txt")) + 4
+
+    sizes = {}
+    for split in ("train", "valid", "test"):
+        en = load_split(out / f"{split}.en-de.en", dictionary)
+        de = load_split(out / f"{split}.en-de.de", dictionary)
+        text_en, text_de = read_lines(out / "text" / f"{split}.en"), read_lines(out / "text" / f"{split}.de")
+        assert len(en) == len(de) == len(text_en) == len(text_de)
+        sizes[split] = len(en)
+        # the binarized sentence is the BPE text, nothing unknown in train
+        assert dictionary.string(en[0]) == text_en[0]
+        if split == "train":
+            assert all(dictionary.unk() not in de[i] for i in range(len(de)))
+        if split != "test":  # clean-corpus-n: 1 to 250 tokens, length ratio at most 1.5
+            for a, b in zip(text_en, text_de):
+                na, nb = len(a.split()), len(b.split())
+                assert 1 <= na <= 250 and 1 <= nb <= 250 and na / nb <= 1.5 and nb / na <= 1.5
+    assert sizes["test"] == 300  # the test set is not cleaned
+    assert 0 < sizes["train"] < 3000 and 0 < sizes["valid"] <= 300
+
+    # the test set: the text of each <seg>, tokenised with aggressive hyphen splitting and escaping
+    first_segment = unescape(read_lines(DATA / "wmt14-en-de-sample" / "test.de")[0])
+    expected = MosesTokenizer(lang="de").tokenize(first_segment, aggressive_dash_splits=True, return_str=True)
+    assert read_lines(out / "text" / "test.de")[0].replace("@@ ", "") == expected
+    assert "@-@" in " ".join(read_lines(out / "text" / "train.en"))
+
+
+def test_clean_corpus_rules(tmp_path):
+    from fairseq_agg.prepare.wmt import clean, sgm_segments
+
+    pairs = [
+        ("a  b |c", "x y z"),          # kept, as "a b c": whitespace collapsed, | removed
+        ("", "x"),                     # empty side
+        ("a b c d", "x y"),            # ratio 2
+        ("a b c", "x y"),              # ratio 1.5: kept
+        (" ".join(["w"] * 6), " ".join(["v"] * 5)),  # 6 words: over --max 5
+    ]
+    write_lines(tmp_path / "c.en", [a for a, _ in pairs])
+    write_lines(tmp_path / "c.de", [b for _, b in pairs])
+    assert clean(str(tmp_path / "c"), ("en", "de"), str(tmp_path / "o"), 1.5, 1, 5) == (5, 2)
+    assert read_lines(tmp_path / "o.en") == ["a b c", "a b c"]
+    assert read_lines(tmp_path / "o.de") == ["x y z", "x y"]
+
+    write_lines(tmp_path / "t.sgm", ['<doc docid="1">', '<seg id="1"> Ein  Satz. </seg>', '<seg id=2>Zwei</seg>', "</doc>"])
+    assert list(sgm_segments(str(tmp_path / "t.sgm"))) == ["Ein  Satz.", "Zwei"]
+
+
+# -- failures ------------------------------------------------------------------------------------
+def test_missing_python_modules_are_named(tmp_path):
+    no_site = tmp_path / "python-without-packages"
+    no_site.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    no_site.chmod(0o755)
+    env = script_env(PYTHON=str(no_site))
+    wiki = run_script("prepare-wikitext103.sh", "--bpe", "sentencepiece", "--out", tmp_path / "lm", env=env, check=False)
+    assert wiki.returncode == 1
+    assert "missing Python module(s)" in wiki.stdout and "pip install sentencepiece" in wiki.stdout
+    assert "scripts/setup.sh" in wiki.stdout  # fairseq
+    wmt = run_script("prepare-wmt14-en-de.sh", "--out", tmp_path / "mt", env=env, check=False)
+    assert wmt.returncode == 1
+    assert "pip install sacremoses" in wmt.stdout and "pip install subword-nmt" in wmt.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "lm")
+    assert_nothing_complete(tmp_path, tmp_path / "mt")
+
+
+def test_missing_command_is_named(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "nproc", "tar", "date", "tr", "sed"):
+        path = subprocess.run([BASH, "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        if path:
+            (bin_dir / tool).symlink_to(path)
+    proc = run_script("prepare-wmt14-en-de.sh", "--raw-dir", tmp_path / "raw", "--out", tmp_path / "mt",
+                      env=script_env(PATH=str(bin_dir)), check=False)
+    assert proc.returncode == 1
+    assert "missing command(s): curl" in proc.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "mt")
+
+
+def test_failed_downloads_name_the_url_and_leave_nothing(tmp_path):
+    missing = (tmp_path / "nowhere").as_uri()
+    wmt = run_script("prepare-wmt14-en-de.sh", "--raw-dir", tmp_path / "raw", "--out", tmp_path / "mt",
+                     "--mirror", missing, check=False)
+    assert wmt.returncode == 1
+    assert f"download failed (curl exit code 37): {missing}/training-parallel-europarl-v7.tgz" in wmt.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "mt")
+    assert not (tmp_path / "raw" / "training-parallel-europarl-v7.tgz").exists()
+
+    wiki = run_script("prepare-wikitext103.sh", "--source", f"{missing}/wikitext-103-v1.zip",
+                      "--raw-dir", tmp_path / "raw", "--out", tmp_path / "lm", check=False)
+    assert wiki.returncode == 1
+    assert f"download failed (curl exit code 37): {missing}/wikitext-103-v1.zip" in wiki.stdout
+    assert "--source" in wiki.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "lm")
+
+    local = run_script("prepare-wikitext103.sh", "--source", tmp_path / "no-such.zip", "--out", tmp_path / "lm",
+                       check=False)
+    assert local.returncode == 1 and "no such file or directory" in local.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "lm")
