@@ -21,7 +21,8 @@ die() {
     exit 1
 }
 
-cpu_count() { nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1; }
+# nproc would report OMP_NUM_THREADS instead of the CPUs, when it is set.
+cpu_count() { (unset OMP_NUM_THREADS OMP_THREAD_LIMIT; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); }
 
 # require_commands NAME...: every command must be on PATH.
 require_commands() {
@@ -59,20 +60,20 @@ for spec in sys.argv[1:]:
 EOF
     ) || die "could not run $PYTHON to check for Python modules"
     [[ -z $missing ]] && return 0
-    local entry hints=() packages=()
+    local entry modules=() hints=() packages=()
     while IFS= read -r entry; do
         local module=${entry%%=*} package=${entry#*=}
+        modules+=("$module")
         if [[ $package == fairseq ]]; then
-            hints+=("$module: fairseq; run 'bash scripts/setup.sh' (installs torch, then fairseq and this package)")
+            hints+=("$module: part of fairseq; 'bash scripts/setup.sh' installs torch, then fairseq and this package")
         else
             hints+=("$module: pip install $package")
             packages+=("$package")
         fi
     done <<<"$missing"
-    local python_path
-    python_path=$(command -v "$PYTHON")
-    hints+=("(for $PYTHON = $python_path; 'pip install -e .' in $REPO_ROOT installs them all, or set PYTHON to an interpreter that has them)")
-    die "missing Python module(s): $(tr '\n' ' ' <<<"$missing" | sed 's/=[^ ]*//g')" "${hints[@]}"
+    ((${#packages[@]} == 0)) || hints+=("all at once: $PYTHON -m pip install ${packages[*]}")
+    hints+=("(these are for $PYTHON, that is $(command -v "$PYTHON"); set PYTHON to use another interpreter)")
+    die "missing Python module(s): ${modules[*]}" "${hints[@]}"
 }
 
 # download URL DEST HINT...: DEST appears only once the transfer is complete (curl writes
@@ -84,9 +85,14 @@ download() {
     log "downloading $url -> $dest"
     local progress_option=(-sS)
     [[ -t 2 ]] && progress_option=(--progress-bar)
+    local curl=(curl -fL --retry 3 --retry-delay 5 --connect-timeout 30 "${progress_option[@]}" -o "$dest.part")
     local rc=0
-    curl -fL --retry 3 --retry-delay 5 --connect-timeout 30 -C - "${progress_option[@]}" \
-        -o "$dest.part" "$url" || rc=$?
+    "${curl[@]}" -C - "$url" || rc=$?
+    if ((rc == 33)); then # the server cannot resume the DEST.part of an earlier run: start over
+        rm -f "$dest.part"
+        rc=0
+        "${curl[@]}" "$url" || rc=$?
+    fi
     if ((rc != 0)); then
         die "download failed (curl exit code $rc): $url" \
             "Check the network and the URL, or download the file yourself and put it at $dest" "$@"
@@ -95,14 +101,19 @@ download() {
     log "downloaded $(du -h "$dest" | cut -f1) to $dest"
 }
 
-# begin_output DIR: sets OUT and PARTIAL. Exits 0 when DIR is already complete (unless
-# FORCE=1); refuses a DIR that exists without the marker.
-begin_output() {
-    OUT=${1%/}
-    if [[ -f $OUT/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
-        log "$OUT is already complete ($OUT/$COMPLETE_MARKER); nothing to do (--force redoes it)"
+# exit_if_complete DIR: exits 0 when DIR is already complete, unless FORCE=1.
+exit_if_complete() {
+    if [[ -f ${1%/}/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
+        log "${1%/} is already complete (${1%/}/$COMPLETE_MARKER); nothing to do (--force redoes it)"
         exit 0
     fi
+}
+
+# begin_output DIR: sets OUT and PARTIAL; refuses a DIR that exists without the marker
+# (unless FORCE=1).
+begin_output() {
+    OUT=${1%/}
+    exit_if_complete "$OUT"
     if [[ -e $OUT && ! -f $OUT/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
         die "$OUT exists but has no $COMPLETE_MARKER marker, so it was not completed by this script" \
             "remove it, or pass --force to replace it"

@@ -23,7 +23,8 @@ train split.
                             44,256 entries), not all 50,257 of GPT-2.
                             sentencepiece: a BPE model trained on the train split; no GPT-2 files.
   --vocab-size N            sentencepiece vocabulary size (default 32000)
-  --spm-sample-lines N      train sentencepiece on at most N random lines (default 1000000; 0: all)
+  --spm-sample-lines N      train sentencepiece on at most N random lines (WikiText lines are
+                            paragraphs; default 300000; 0: all)
   --source URL|ZIP|DIR      WikiText-103: a URL of wikitext-103-v1.zip, a local copy of that zip,
                             or a directory holding wiki.{train,valid,test}.tokens
                             (default: \$WIKITEXT103_SOURCE, else $DEFAULT_SOURCE)
@@ -45,7 +46,7 @@ EOF
 
 BPE=gpt2
 VOCAB_SIZE=32000
-SPM_SAMPLE_LINES=1000000
+SPM_SAMPLE_LINES=300000
 SOURCE=${WIKITEXT103_SOURCE:-$DEFAULT_SOURCE}
 GPT2_DIR=$REPO_ROOT/data/gpt2_bpe
 GPT2_URL=${GPT2_BPE_URL:-}
@@ -76,6 +77,8 @@ done
 [[ $VOCAB_SIZE =~ ^[1-9][0-9]*$ ]] || die "--vocab-size must be a positive integer, not '$VOCAB_SIZE'"
 [[ $SPM_SAMPLE_LINES =~ ^[0-9]+$ ]] || die "--spm-sample-lines must be an integer, not '$SPM_SAMPLE_LINES'"
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, not '$WORKERS'"
+
+exit_if_complete "$OUT_DIR"
 
 is_url() { [[ $1 =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; }
 
@@ -184,7 +187,7 @@ if [[ $BPE == gpt2 ]]; then
         [[ $actual == "$expected" ]] || log "note: $GPT2_DIR/$name is not OpenAI's GPT-2 $name (sha256 $actual)"
         cp "$GPT2_DIR/$name" "$PARTIAL/bpe/$name"
     done
-    step "GPT-2 BPE of the three splits ($WORKERS workers)"
+    step "GPT-2 BPE of the three splits; workers: $WORKERS"
     "$PYTHON" "$PREPARE_PY/gpt2_bpe.py" --encoder-json "$GPT2_DIR/encoder.json" \
         --vocab-bpe "$GPT2_DIR/vocab.bpe" --inputs "${inputs[@]}" --outputs "${outputs[@]}" \
         --keep-empty --independent-inputs --workers "$WORKERS"

@@ -74,6 +74,8 @@ done
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, not '$WORKERS'"
 RAW_DIR=${RAW_DIR%/}
 
+exit_if_complete "$OUT_DIR"
+
 # -- what is needed, checked before anything is written ----------------------------------------
 require_python_modules fairseq_cli=fairseq sacremoses=sacremoses \
     subword_nmt=subword-nmt regex=regex tqdm=tqdm
@@ -89,8 +91,10 @@ for entry in "${ARCHIVES[@]}"; do
         fi
     done
 done
-((${#to_extract[@]} == 0)) || require_commands tar
-((${#to_download[@]} == 0)) || require_commands curl
+needed_commands=()
+((${#to_extract[@]} == 0)) || needed_commands+=(tar find)
+((${#to_download[@]} == 0)) || needed_commands+=(curl)
+((${#needed_commands[@]} == 0)) || require_commands "${needed_commands[@]}"
 
 begin_output "$OUT_DIR"
 WORK=$PARTIAL/work
@@ -134,7 +138,7 @@ for lang in en de; do
     text_jobs+=(--text "$lang" "$WORK/train.tok.$lang" "${train_files[@]}")
     text_jobs+=(--text "$lang" "$WORK/valid.tok.$lang" "$RAW_DIR/$VALID_SET.$lang")
 done
-step "normalising and tokenising train (${TRAIN_CORPORA[*]}), valid ($VALID_SET) and test (newstest2014) with $WORKERS workers"
+step "normalising and tokenising train (${TRAIN_CORPORA[*]}), valid ($VALID_SET) and test (newstest2014); workers: $WORKERS"
 "$PYTHON" "$PREPARE_PY/wmt.py" tokenize --workers "$WORKERS" "${text_jobs[@]}" \
     --sgm en "$WORK/test.tok.en" "$RAW_DIR/$TEST_SGM_EN" \
     --sgm de "$WORK/test.tok.de" "$RAW_DIR/$TEST_SGM_DE"

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -118,10 +119,33 @@ def wmt_raw(tmp_path_factory):
     return raw
 
 
+# The archives of the WMT14 recipe and the files of each that it reads.
+WMT_ARCHIVES = {
+    "training-parallel-europarl-v7.tgz": ["training/europarl-v7.de-en.en", "training/europarl-v7.de-en.de"],
+    "training-parallel-commoncrawl.tgz": ["commoncrawl.de-en.en", "commoncrawl.de-en.de"],
+    "training-parallel-nc-v9.tgz": ["training/news-commentary-v9.de-en.en", "training/news-commentary-v9.de-en.de"],
+    "dev.tgz": ["dev/newstest2013.en", "dev/newstest2013.de"],
+    "test-full.tgz": ["test-full/newstest2014-deen-src.en.sgm", "test-full/newstest2014-deen-ref.de.sgm"],
+}
+
+
+@pytest.fixture(scope="module")
+def wmt_mirror(wmt_raw, tmp_path_factory):
+    """A download mirror: the recipe's five archives, packed from the raw layout, each with an
+    extra file that the recipe does not read (as the real ones hold other language pairs)."""
+    mirror = tmp_path_factory.mktemp("wmt14-mirror")
+    for archive, members in WMT_ARCHIVES.items():
+        with tarfile.open(mirror / archive, "w:gz") as tar:
+            for member in members:
+                tar.add(wmt_raw / member, arcname=member)
+            tar.add(wmt_raw / members[0], arcname=f"{members[0]}.unused")
+    return mirror
+
+
 # -- WikiText-103 ------------------------------------------------------------------------------
-def _start(args, env):
+def _start(script, args, env):
     return subprocess.Popen(
-        [BASH, str(SCRIPTS / "prepare-wikitext103.sh"), *map(str, args)], cwd=str(REPO), env=env,
+        [BASH, str(SCRIPTS / script), *map(str, args)], cwd=str(REPO), env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
@@ -147,12 +171,12 @@ def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, w
             "--raw-dir", tmp_path / "raw", "--workers", 2]
 
     # Ctrl-C: the run cleans up after itself
-    log = _interrupt_once_working(_start(args, script_env()), tmp_path, out, signal.SIGINT)
+    log = _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGINT)
     assert "nothing was written to" in log
     assert_nothing_complete(tmp_path, out)
 
     # killed outright: its partial directory stays behind, but nothing looks complete
-    _interrupt_once_working(_start(args, script_env()), tmp_path, out, signal.SIGKILL)
+    _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGKILL)
     assert len(list(tmp_path.glob("wikitext-103.partial.*"))) == 1
     assert not out.exists() and not list(tmp_path.rglob("COMPLETE"))
 
@@ -239,17 +263,17 @@ WMT_MERGES = 400
 
 
 @pytest.fixture(scope="module")
-def wmt_run(wmt_raw, tmp_path_factory):
-    """The WMT smoke run, started in the background when first requested: the WikiText tests ask
-    for it so that it runs alongside them (the scripts spend much of their time importing
-    fairseq, on one core)."""
+def wmt_run(wmt_mirror, tmp_path_factory):
+    """The WMT smoke run, downloading from the mirror into an empty raw directory; started in the
+    background when first requested: the WikiText tests ask for it so that it runs alongside them
+    (the scripts spend much of their time importing fairseq, on one core)."""
     root = tmp_path_factory.mktemp("wmt14-out")
     out = root / "wmt14_en_de"
     log = root / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [BASH, str(SCRIPTS / "prepare-wmt14-en-de.sh"), "--raw-dir", str(wmt_raw), "--out", str(out),
-             "--bpe-tokens", str(WMT_MERGES), "--workers", "2", "--keep-text"],
+            [BASH, str(SCRIPTS / "prepare-wmt14-en-de.sh"), "--raw-dir", str(root / "raw"), "--out", str(out),
+             "--mirror", wmt_mirror.as_uri(), "--bpe-tokens", str(WMT_MERGES), "--workers", "2", "--keep-text"],
             cwd=str(REPO), env=script_env(), stdout=f, stderr=subprocess.STDOUT,
         )
 
@@ -272,6 +296,13 @@ def test_wmt14_smoke_run_binarizes_a_joined_dictionary(wmt_run):
     merges = WMT_MERGES
     assert (out / "COMPLETE").is_file()
     assert not list(out.parent.glob("*.partial.*"))
+    raw = out.parent / "raw"
+    for archive, members in WMT_ARCHIVES.items():
+        assert (raw / archive).is_file()
+        for member in members:
+            assert (raw / member).is_file()
+        assert not (raw / f"{members[0]}.unused").exists()
+    assert not list(raw.glob(".extract.*")) and not list(raw.glob("*.part"))
     code = read_lines(out / "code")
     assert code[0].startswith("#version") and 0 < len(code) - 1 <= merges
     assert (out / "dict.en.txt").read_bytes() == (out / "dict.de.txt").read_bytes()
@@ -340,17 +371,31 @@ def test_missing_python_modules_are_named(tmp_path):
     assert_nothing_complete(tmp_path, tmp_path / "mt")
 
 
-def test_missing_command_is_named(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "nproc", "tar", "date", "tr", "sed"):
-        path = subprocess.run([BASH, "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
-        if path:
-            (bin_dir / tool).symlink_to(path)
-    proc = run_script("prepare-wmt14-en-de.sh", "--raw-dir", tmp_path / "raw", "--out", tmp_path / "mt",
-                      env=script_env(PATH=str(bin_dir)), check=False)
+def _bin_dir(path, tools):
+    """A directory of links to the given commands, for a PATH that has only those."""
+    path.mkdir()
+    for tool in tools:
+        found = shutil.which(tool)
+        if found:
+            (path / tool).symlink_to(found)
+    return str(path)
+
+
+def test_missing_commands_are_named_only_when_needed(wmt_raw, tmp_path):
+    basics = ["dirname", "nproc", "date", "mkdir", "rm", "tr", "sed"]
+    # an empty raw directory: the archives must be downloaded (curl) and extracted (tar)
+    env = script_env(PATH=_bin_dir(tmp_path / "bin-tar", basics + ["tar", "find"]))
+    proc = run_script("prepare-wmt14-en-de.sh", "--raw-dir", tmp_path / "raw", "--out", tmp_path / "mt", env=env,
+                      check=False)
     assert proc.returncode == 1
-    assert "missing command(s): curl" in proc.stdout
+    assert "missing command(s): curl" in proc.stdout and "apt-get install curl" in proc.stdout
+    assert_nothing_complete(tmp_path, tmp_path / "mt")
+
+    # the files extracted already: neither curl nor tar is needed, so the run starts working
+    env = script_env(PATH=_bin_dir(tmp_path / "bin", basics))
+    proc = _start("prepare-wmt14-en-de.sh", ["--raw-dir", wmt_raw, "--out", tmp_path / "mt"], env)
+    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM)
+    assert "error:" not in log and "nothing was written to" in log
     assert_nothing_complete(tmp_path, tmp_path / "mt")
 
 

@@ -31,7 +31,7 @@ def train(
     model_prefix: str,
     vocab_size: int,
     model_type: str = "bpe",
-    sample_lines: int = 1_000_000,
+    sample_lines: int = 300_000,
     threads: int = 1,
 ) -> str:
     """Train the model; returns the path of the ``.model`` file."""
@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--train-input", help="train a new model on this file first")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
-    parser.add_argument("--sample-lines", type=int, default=1_000_000,
+    parser.add_argument("--sample-lines", type=int, default=300_000,
                         help="train on at most this many randomly chosen lines (0: all)")
     parser.add_argument("--inputs", nargs="*", default=[])
     parser.add_argument("--outputs", nargs="*", default=[])
