@@ -103,8 +103,10 @@ download() {
 
 # exit_if_complete DIR: exits 0 when DIR is already complete, unless FORCE=1.
 exit_if_complete() {
-    if [[ -f ${1%/}/$COMPLETE_MARKER && ${FORCE:-0} != 1 ]]; then
-        log "${1%/} is already complete (${1%/}/$COMPLETE_MARKER); nothing to do (--force redoes it)"
+    local marker=${1%/}/$COMPLETE_MARKER
+    if [[ -f $marker && ${FORCE:-0} != 1 ]]; then
+        log "${1%/} is already complete; nothing to do (--force redoes it). $marker says:"
+        sed 's/^/    /' "$marker" >&2
         exit 0
     fi
 }

@@ -3,6 +3,7 @@
 set -euo pipefail
 
 PROG=prepare-wikitext103.sh
+# shellcheck source=scripts/prepare-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/prepare-lib.sh"
 
 DEFAULT_SOURCE=https://wikitext.smerity.com/wikitext-103-v1.zip
@@ -121,7 +122,8 @@ if [[ $BPE == gpt2 ]]; then
         for name in encoder.json vocab.bpe; do
             [[ -f $GPT2_DIR/$name ]] ||
                 die "GPT-2 BPE file missing: $GPT2_DIR/$name" \
-                    "pass --gpt2-dir DIR with encoder.json and vocab.bpe, or --gpt2-url https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe to download them"
+                    "pass --gpt2-dir DIR with encoder.json and vocab.bpe, or download them with" \
+                    "--gpt2-url https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe"
         done
     fi
 fi
@@ -183,7 +185,8 @@ if [[ $BPE == gpt2 ]]; then
     for name in encoder.json vocab.bpe; do
         expected=$GPT2_ENCODER_SHA256
         [[ $name == vocab.bpe ]] && expected=$GPT2_VOCAB_SHA256
-        actual=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$GPT2_DIR/$name")
+        actual=$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
+            "$GPT2_DIR/$name")
         [[ $actual == "$expected" ]] || log "note: $GPT2_DIR/$name is not OpenAI's GPT-2 $name (sha256 $actual)"
         cp "$GPT2_DIR/$name" "$PARTIAL/bpe/$name"
     done

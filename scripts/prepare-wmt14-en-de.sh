@@ -5,6 +5,7 @@
 set -euo pipefail
 
 PROG=prepare-wmt14-en-de.sh
+# shellcheck source=scripts/prepare-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/prepare-lib.sh"
 
 # archive | where it is downloaded from | the files of it that the recipe reads
@@ -32,10 +33,13 @@ with subword-nmt learned on the English and German training text together, clean
 (ratio 1.5, 1 to 250 tokens) on train and valid, and fairseq-preprocess --joined-dictionary.
 
   --bpe-tokens N        BPE merges (default 40000; a few hundred for a smoke run)
-  --raw-dir DIR         the raw corpora (default data-raw/wmt14-en-de). A file already there is
-                        used as it is: the archives (${ARCHIVES[*]%%|*}) or the files extracted
-                        from them (e.g. DIR/training/europarl-v7.de-en.en, DIR/dev/newstest2013.de,
-                        DIR/$TEST_SGM_EN); only what is missing is downloaded.
+  --raw-dir DIR         the raw corpora (default data-raw/wmt14-en-de). What is there already is
+                        used as it is: the archives training-parallel-europarl-v7.tgz,
+                        training-parallel-commoncrawl.tgz, training-parallel-nc-v9.tgz, dev.tgz
+                        and test-full.tgz, or the files extracted from them, laid out as in the
+                        archives (DIR/training/europarl-v7.de-en.en, DIR/commoncrawl.de-en.de,
+                        DIR/dev/newstest2013.en, DIR/$TEST_SGM_EN, ...).
+                        Only what is missing is downloaded.
   --mirror URL          download every archive from URL/<archive name> instead of statmt.org
                         (default: \$WMT14_MIRROR)
   --out DIR             output directory (default data-bin/wmt14_en_de)
@@ -98,7 +102,9 @@ needed_commands=()
 
 begin_output "$OUT_DIR"
 WORK=$PARTIAL/work
-mkdir -p "$WORK"
+# subword-nmt's parallel workers write temporary files of the corpus's size: keep them here.
+export TMPDIR=$WORK/tmp
+mkdir -p "$WORK" "$TMPDIR"
 step "preparing WMT14 En-De with $BPE_TOKENS BPE merges into $OUT (working in $PARTIAL)"
 
 # -- the raw corpora: each archive is downloaded whole (as .part first) and the files the recipe

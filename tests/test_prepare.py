@@ -110,7 +110,8 @@ def wmt_raw(tmp_path_factory):
         write_lines(raw / f"commoncrawl.de-en.{lang}", train[1000:2000])
         write_lines(raw / f"training/news-commentary-v9.de-en.{lang}", train[2000:])
         write_lines(raw / f"dev/newstest2013.{lang}", [unescape(line) for line in read_lines(sample / f"valid.{lang}")])
-        segments = [f'<seg id="{i}">{unescape(line)}</seg>' for i, line in enumerate(read_lines(sample / f"test.{lang}"), 1)]
+        test = [unescape(line) for line in read_lines(sample / f"test.{lang}")]
+        segments = [f'<seg id="{i}">{line}</seg>' for i, line in enumerate(test, 1)]
         write_lines(
             raw / f"test-full/newstest2014-deen-{role}.{lang}.sgm",
             ['<refset setid="newstest2014" srclang="any" trglang="de">', '<doc sysid="ref" docid="1" origlang="en">']
@@ -274,7 +275,7 @@ def wmt_run(wmt_mirror, tmp_path_factory):
         proc = subprocess.Popen(
             [BASH, str(SCRIPTS / "prepare-wmt14-en-de.sh"), "--raw-dir", str(root / "raw"), "--out", str(out),
              "--mirror", wmt_mirror.as_uri(), "--bpe-tokens", str(WMT_MERGES), "--workers", "2", "--keep-text"],
-            cwd=str(REPO), env=script_env(), stdout=f, stderr=subprocess.STDOUT,
+            cwd=str(REPO), env=script_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def finished():
@@ -284,7 +285,7 @@ def wmt_run(wmt_mirror, tmp_path_factory):
 
     yield finished
     if proc.poll() is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
@@ -350,7 +351,8 @@ def test_clean_corpus_rules(tmp_path):
     assert read_lines(tmp_path / "o.en") == ["a b c", "a b c"]
     assert read_lines(tmp_path / "o.de") == ["x y z", "x y"]
 
-    write_lines(tmp_path / "t.sgm", ['<doc docid="1">', '<seg id="1"> Ein  Satz. </seg>', '<seg id=2>Zwei</seg>', "</doc>"])
+    write_lines(tmp_path / "t.sgm", ['<doc docid="1">', '<seg id="1"> Ein  Satz. </seg>', "<seg id=2>Zwei</seg>",
+                                     "</doc>"])
     assert list(sgm_segments(str(tmp_path / "t.sgm"))) == ["Ein  Satz.", "Zwei"]
 
 
@@ -360,7 +362,8 @@ def test_missing_python_modules_are_named(tmp_path):
     no_site.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
     no_site.chmod(0o755)
     env = script_env(PYTHON=str(no_site))
-    wiki = run_script("prepare-wikitext103.sh", "--bpe", "sentencepiece", "--out", tmp_path / "lm", env=env, check=False)
+    wiki = run_script("prepare-wikitext103.sh", "--bpe", "sentencepiece", "--out", tmp_path / "lm", env=env,
+                      check=False)
     assert wiki.returncode == 1
     assert "missing Python module(s)" in wiki.stdout and "pip install sentencepiece" in wiki.stdout
     assert "scripts/setup.sh" in wiki.stdout  # fairseq

@@ -69,7 +69,7 @@ def encode_files(
             pool = stack.enter_context(Pool(workers, initializer=_start_worker, initargs=initargs))
         else:
             _start_worker(*initargs)
-        results = ordered_map(pool, _encode_rows, batches(zip(*sources)))
+        results = ordered_map(pool, _encode_rows, batches(zip(*sources)), ahead=4 * workers)
         bar = stack.enter_context(progress(count_lines(inputs[0]), f"GPT-2 BPE {inputs[0]}"))
         for encoded_rows in results:
             for encoded in encoded_rows:

@@ -4,7 +4,7 @@ import collections
 import itertools
 import os
 import sys
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List
 
 from tqdm import tqdm
 
@@ -43,14 +43,13 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def ordered_map(pool, function: Callable, items: Iterable, ahead: Optional[int] = None) -> Iterator:
+def ordered_map(pool, function: Callable, items: Iterable, ahead: int) -> Iterator:
     """``map(function, items)`` on a multiprocessing pool (or in this process when ``pool`` is
     None), in order, with at most ``ahead`` items in flight: ``Pool.imap`` would read its whole
     input into memory ahead of the workers, a corpus of several GB here."""
     if pool is None:
         yield from map(function, items)
         return
-    ahead = ahead or 4 * pool._processes
     pending = collections.deque()
     for item in items:
         pending.append(pool.apply_async(function, (item,)))

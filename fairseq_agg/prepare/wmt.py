@@ -101,7 +101,7 @@ def tokenize(jobs: Sequence[Tuple[str, str, str, Sequence[str]]], workers: int =
         for lang, mode, output, inputs in jobs:
             total = sum(count_lines(p) for p in inputs) if mode == TEXT else None
             tasks = ((lang, mode, batch) for batch in batches(_lines(mode, inputs)))
-            results = ordered_map(pool, _process, tasks)
+            results = ordered_map(pool, _process, tasks, ahead=4 * workers)
             with open(output, "w", encoding="utf-8") as fout, progress(total, f"tokenize {output}") as bar:
                 for lines in results:
                     fout.writelines(lines)
