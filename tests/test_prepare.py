@@ -151,15 +151,18 @@ def _start(script, args, env):
     )
 
 
-def _interrupt_once_working(proc, root, out, sig):
-    """Send ``sig`` to the run's process group as soon as it has started writing."""
+def _interrupt_once_working(proc, root, out, sig, delay=0.5):
+    """Send ``sig`` to the run's process group ``delay`` seconds after it has started writing."""
     deadline = time.time() + 60
     while not list(root.glob(f"{out.name}.partial.*/work")):
         assert proc.poll() is None, proc.communicate()[0]
         assert time.time() < deadline, "the run never started writing"
         time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, sig)
+    time.sleep(delay)
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it ended already
+        pass
     return proc.communicate(timeout=60)[0]
 
 
@@ -397,7 +400,7 @@ def test_missing_commands_are_named_only_when_needed(wmt_raw, tmp_path):
     # the files extracted already: neither curl nor tar is needed, so the run starts working
     env = script_env(PATH=_bin_dir(tmp_path / "bin", basics))
     proc = _start("prepare-wmt14-en-de.sh", ["--raw-dir", wmt_raw, "--out", tmp_path / "mt"], env)
-    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM)
+    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM, delay=0)
     assert "error:" not in log and "nothing was written to" in log
     assert_nothing_complete(tmp_path, tmp_path / "mt")
 
