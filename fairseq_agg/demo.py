@@ -207,6 +207,9 @@ def train_command(args, data_bin: Path, save_dir: Path, agg: bool) -> List[str]:
         "--user-dir", str(PACKAGE_DIR), *task,
         "--arch", "transformer_lm", "--share-decoder-input-output-embed",
         "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
+        # transformer_lm's input/output dims default to 512 whatever the model dim: without
+        # these the embedding would be 512-wide behind a projection
+        "--decoder-input-dim", str(args.embed_dim), "--decoder-output-dim", str(args.embed_dim),
         "--decoder-ffn-embed-dim", str(4 * args.embed_dim), "--decoder-attention-heads", "4",
         "--dropout", "0.1",
         "--tokens-per-sample", str(args.tokens_per_sample), "--sample-break-mode", "none",
@@ -218,8 +221,9 @@ def train_command(args, data_bin: Path, save_dir: Path, agg: bool) -> List[str]:
         # validate (both splits) and save only once, at the end
         "--valid-subset", "valid,test", "--validate-interval", "100000", "--save-interval", "100000",
         "--no-epoch-checkpoints",
-        # a few checkpoints along the way: fairseq-agg-eval draws I(W) over training from them
-        "--save-interval-updates", str(max(1, max_update // 6)),
+        # checkpoints along the way, for fairseq-agg-eval's I(W)-over-training figure (fairseq
+        # validates at each, so --quick keeps only one)
+        "--save-interval-updates", str(max(1, max_update // (2 if args.quick else 6))),
         "--save-dir", str(save_dir),
         "--log-format", "simple", "--log-interval", str(max(10, max_update // 12)),
     ]

@@ -119,8 +119,8 @@ def setup_lm(args):
     task = tasks.setup_task(cfg.task)
     try:
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], task=task)
-    except RuntimeError as err:
-        if "size mismatch" in str(err):
+    except (RuntimeError, ValueError) as err:
+        if "size mismatch" in str(err) or "another dictionary" in str(err):
             raise EvalError(f"{args.path} does not fit the dictionary of {args.data}: "
                             "the checkpoint was trained on another vocabulary") from err
         raise

@@ -20,6 +20,8 @@ from fairseq_agg.isotropy import isotropy
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
 GROUP_NAMES = ("frequent", "medium", "rare")
+# Below this many covered pairs a rank correlation says nothing (two pairs give +-1).
+MIN_WORDSIM_PAIRS = 10
 # DESIGN section 4: top 30% of the dictionary by training count, next 50%, last 20%.
 GROUP_FRACTIONS = (0.3, 0.5, 0.2)
 
@@ -208,11 +210,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def word_similarity(pairs: Sequence[Tuple[str, str, float]], weight, token_ids: Callable[[str], Optional[List[int]]]) -> Dict[str, float]:
+def word_similarity(pairs: Sequence[Tuple[str, str, float]], weight, token_ids: Callable[[str], Optional[List[int]]],
+                    min_pairs: int = MIN_WORDSIM_PAIRS) -> Dict[str, float]:
     """Spearman rho x 100 between the cosine similarity of two words' vectors and the human
     score, over the pairs whose words both have a vector. A word's vector is the mean of its
     subword rows of ``weight`` (DESIGN section 4); ``token_ids(word)`` returns those rows'
-    ids, or None when the word cannot be represented (unknown pieces)."""
+    ids, or None when the word cannot be represented (unknown pieces). With fewer than
+    ``min_pairs`` covered pairs rho is NaN (reported as n/a)."""
     w = _float64_matrix(weight)
     cache: Dict[str, Optional[np.ndarray]] = {}
 
@@ -230,7 +234,8 @@ def word_similarity(pairs: Sequence[Tuple[str, str, float]], weight, token_ids: 
         denom = np.linalg.norm(va) * np.linalg.norm(vb)
         cosines.append(float(va @ vb / denom) if denom > 0 else 0.0)
         scores.append(score)
-    return {"spearman": 100.0 * spearman(cosines, scores) if len(cosines) >= 2 else float("nan"),
+    enough = len(cosines) >= max(2, min_pairs)
+    return {"spearman": 100.0 * spearman(cosines, scores) if enough else float("nan"),
             "pairs": len(pairs), "covered": len(cosines)}
 
 

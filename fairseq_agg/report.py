@@ -79,7 +79,15 @@ def _wordsim_table(runs) -> str:
             e = runs[n].get("word_similarity", {}).get(d)
             cells.append("-" if e is None else f"{_fmt(e['spearman'])} ({e['covered']}/{e['pairs']})")
         rows.append(cells)
-    return _table(["Dataset", *names], rows) + "\n\nSpearman rho x 100 (pairs covered / pairs)."
+    return _table(["Dataset", *names], rows) + (
+        "\n\nSpearman rho x 100 (pairs covered / pairs); n/a where fewer than "
+        f"{_min_pairs(runs)} pairs are covered.")
+
+
+def _min_pairs(runs) -> int:
+    from fairseq_agg.metrics import MIN_WORDSIM_PAIRS
+
+    return MIN_WORDSIM_PAIRS
 
 
 def _ablation_table(runs) -> str:
@@ -112,8 +120,8 @@ def _repetition_table(runs) -> str:
 
 
 def _geometry_table(runs) -> str:
-    keys = [("mean_cosine", "mean cos", 3), ("mean_embedding_norm", "|mean|", 3),
-            ("mean_embedding_norm_ratio", "|mean| / mean norm", 3), ("norm_logfreq_pearson", "corr(norm, log p)", 3),
+    keys = [("mean_cosine", "mean cos", 3), ("mean_embedding_norm", "norm of mean", 3),
+            ("mean_embedding_norm_ratio", "norm of mean / mean norm", 3), ("norm_logfreq_pearson", "corr(norm, log p)", 3),
             ("singular_entropy_normalized", "SV entropy / log d", 3), ("hidden_mean_cosine", "hidden mean cos", 3)]
     keys = [k for k in keys if any(k[0] in r.get("geometry", {}) for r in runs.values())]
     return _table(["Method", *(k[1] for k in keys)],

@@ -1,0 +1,193 @@
+"""fairseq-agg-eval end to end: on the demo's MLE and AGG models (lm, compare) and on a tiny
+translation model (mt); group perplexities against fairseq-eval-lm on the same checkpoint and
+context window; BLEU against sacrebleu on fairseq-generate's own output; clear errors."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fairseq_agg import eval as agg_eval
+from fairseq_agg import metrics
+
+from conftest import MT_MODEL, USER_DIR, mt_train, run_all, subprocess_env
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LM_FIGURES = {"svd_projection", "singular_values", "rare_group_size", "isotropy_over_training"}
+
+
+def _eval_lm(workdir, name, out, *extra):
+    agg_eval.main(["lm", str(workdir / "data-bin"), "--path", str(workdir / name / "checkpoint_last.pt"),
+                   "--out", str(out), "--cpu", "--num-texts", "12", "--no-progress-bar", "--name", name.upper(), *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_evals(quick_demo, tmp_path_factory):
+    workdir, _ = quick_demo
+    out = tmp_path_factory.mktemp("eval")
+    return workdir, {name: (_eval_lm(workdir, name, out / name), out / name) for name in ("mle", "agg")}
+
+
+def test_lm_report_and_all_pictures_from_one_command(demo_evals):
+    _, evals = demo_evals
+    result, out = evals["agg"]
+    assert set(result["figures"]) == LM_FIGURES
+    for file in result["figures"].values():
+        data = (out / file).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, file
+    report = (out / "report.md").read_text()
+    for heading in ("Perplexity and Uniq per frequency group", "I(W) per frequency group", "Word similarity",
+                    "Greedy generation", "Next-token repetition", "Embedding geometry", "Nearest neighbours"):
+        assert heading in report
+    for file in result["figures"].values():
+        assert f"]({file})" in report
+    # the curves come from the run's log and its intermediate checkpoint
+    assert len(result["training"]["rare_group_size"]) >= 3
+    assert [p["update"] for p in result["training"]["isotropy"]] == [75, 150]
+    assert result["training"]["isotropy"][-1]["total"] == pytest.approx(result["isotropy"]["total"])
+
+
+def test_mle_run_has_no_rare_group_curve(demo_evals):
+    _, evals = demo_evals
+    result, _ = evals["mle"]
+    assert "rare_group_size" not in result["figures"]
+    assert result["training"]["rare_group_size"] == []
+
+
+def test_isotropy_matches_the_demo_table(quick_demo, demo_evals):
+    _, demo_results = quick_demo
+    _, evals = demo_evals
+    for name in ("mle", "agg"):
+        iso = evals[name][0]["isotropy"]
+        assert iso["total"] == pytest.approx(demo_results["runs"][name]["I(W)"], rel=1e-9)
+        assert iso["rare"] == pytest.approx(demo_results["runs"][name]["I(W) rare"], rel=1e-9)
+
+
+def _fairseq_eval_lm(workdir, name, tokens_per_sample, context_window):
+    task = "language_modeling_agg" if name == "agg" else "language_modeling"
+    cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", str(workdir / "data-bin"),
+           "--path", str(workdir / name / "checkpoint_last.pt"), "--user-dir", USER_DIR, "--task", task,
+           "--gen-subset", "test", "--tokens-per-sample", str(tokens_per_sample),
+           "--context-window", str(context_window), "--max-tokens", "4096", "--cpu", "--num-workers", "0"]
+    log = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert log.returncode == 0, log.stderr[-2000:]
+    text = log.stdout + log.stderr
+    loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", text).group(1))
+    tokens = int(re.search(r"Evaluated ([\d,]+) tokens", text).group(1).replace(",", ""))
+    return loss, tokens
+
+
+@pytest.mark.parametrize("name", ["mle", "agg"])
+def test_group_perplexities_combine_to_fairseq_eval_lm(demo_evals, name):
+    workdir, evals = demo_evals
+    result, _ = evals[name]
+    scoring = result["scoring"]
+    loss_base2, tokens = _fairseq_eval_lm(workdir, name, scoring["tokens_per_sample"], scoring["context_window"])
+    parts = [result["ppl"][g] for g in ("frequent", "medium", "rare", "other")]
+    assert sum(p["tokens"] for p in parts) == tokens == result["ppl"]["total"]["tokens"]
+    combined_nll = sum(p["nll_sum"] for p in parts) / tokens
+    assert combined_nll / 0.6931471805599453 == pytest.approx(loss_base2, abs=1e-4)
+    assert result["ppl"]["total"]["ppl"] == pytest.approx(2 ** loss_base2, rel=1e-3)
+
+
+def test_uniq_and_human_are_consistent(demo_evals):
+    _, evals = demo_evals
+    result, _ = evals["agg"]
+    for counts in (result["uniq"], result["human"]):
+        assert counts["total"] == counts["frequent"] + counts["medium"] + counts["rare"]
+    for group, size in result["group_sizes"].items():
+        assert 0 <= result["human"][group] <= size
+
+
+def test_compare_writes_the_papers_tables(demo_evals, tmp_path):
+    _, evals = demo_evals
+    agg_eval.main(["compare", str(evals["mle"][1]), str(evals["agg"][1]), "--out", str(tmp_path)])
+    text = (tmp_path / "compare.md").read_text()
+    header = "| Method | PPL Freq | PPL Med | PPL Rare | PPL Total | Uniq Freq | Uniq Med | Uniq Rare | Uniq Total | I(W) |"
+    assert header in text
+    assert re.search(r"^\| MLE \|", text, re.M) and re.search(r"^\| AGG \|", text, re.M)
+    assert re.search(r"^\| Human \| - \| - \| - \| - \| \d+", text, re.M)
+    assert "| Dataset | MLE | AGG |" in text
+    for figure in ("singular_values.png", "isotropy_over_training.png", "rare_group_size.png"):
+        assert (tmp_path / figure).read_bytes().startswith(PNG_MAGIC)
+    agg_eval.main(["compare", str(evals["mle"][1]), str(evals["agg"][1]), "--out", str(tmp_path / "t3"),
+                   "--tables", "3", "--names", "MLE", "AGG"])
+    only = (tmp_path / "t3" / "compare.md").read_text()
+    assert header in only and "Word similarity" not in only
+
+
+def test_wrong_vocabulary_is_a_clear_error(quick_demo, lm_data, tmp_path):
+    workdir, _ = quick_demo
+    with pytest.raises(SystemExit, match="trained on another vocabulary"):
+        agg_eval.main(["lm", str(lm_data), "--path", str(workdir / "agg" / "checkpoint_last.pt"),
+                       "--out", str(tmp_path), "--cpu", "--no-progress-bar"])
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_options_are_clear_errors(quick_demo, tmp_path):
+    workdir, _ = quick_demo
+    base = ["lm", str(workdir / "data-bin"), "--path", str(workdir / "agg" / "checkpoint_last.pt"),
+            "--out", str(tmp_path), "--cpu", "--no-progress-bar"]
+    with pytest.raises(SystemExit, match="--context-window 128 must lie in"):
+        agg_eval.main(base + ["--context-window", "128"])
+    with pytest.raises(SystemExit, match="checkpoint .*missing.pt does not exist"):
+        agg_eval.main(["lm", str(workdir / "data-bin"), "--path", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="expected NAME=FILE"):
+        agg_eval.main(base + ["--wordsim", "MEN"])
+    with pytest.raises(SystemExit, match="not in the dictionary"):
+        agg_eval.main(base + ["--neighbours", "no-such-token-xyz"])
+
+
+def test_compare_refuses_mixed_kinds(tmp_path):
+    for kind in ("lm", "mt"):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "results.json").write_text(json.dumps({"kind": kind, "name": kind}))
+    with pytest.raises(SystemExit, match="different kinds"):
+        agg_eval.main(["compare", str(tmp_path / "lm"), str(tmp_path / "mt"), "--out", str(tmp_path / "c")])
+
+
+# -- translation -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mt_eval(mt_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("mt_model")
+    run_all([mt_train(mt_data, save, "--max-update", "40", "--agg-alpha", "0.08", name="mt-agg")])
+    out = tmp_path_factory.mktemp("mt_eval")
+    agg_eval.main(["mt", str(mt_data), "--path", str(save / "checkpoint_last.pt"), "--out", str(out),
+                   "--cpu", "--subset", "valid", "--no-progress-bar", "--name", "AGG"])
+    return save, out, json.loads((out / "results.json").read_text())
+
+
+def test_mt_bleu_matches_sacrebleu_on_generate_output(mt_eval):
+    import sacrebleu
+
+    _, out, result = mt_eval
+    hyps, refs = agg_eval.parse_generate_output(out / "generate-valid.txt")
+    assert result["bleu"]["sentences"] == len(hyps) > 0
+    split = [metrics.split_compounds(x) for x in hyps], [metrics.split_compounds(x) for x in refs]
+    expected = sacrebleu.corpus_bleu(split[0], [split[1]], tokenize="none").score
+    assert result["bleu"]["tokenized_compound_split"] == pytest.approx(expected, abs=0.005)
+    assert 0.0 <= result["bleu"]["sacrebleu"] <= 100.0
+
+
+def test_mt_report_neighbours_and_figures(mt_eval):
+    _, out, result = mt_eval
+    assert len(result["cross_lingual_neighbours"]) == 3
+    assert all(len(row["neighbours"]) == 5 for row in result["cross_lingual_neighbours"])
+    assert 0.0 < result["isotropy"]["total"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "BLEU (paper Table 7)" in report and "Cross-lingual nearest neighbours" in report
+    for file in result["figures"].values():
+        assert (out / file).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_mt_rejects_a_file_that_is_not_generate_output(mt_eval, mt_data, tmp_path):
+    save, _, _ = mt_eval
+    bogus = tmp_path / "bogus.txt"
+    bogus.write_text("not a generate log\n")
+    with pytest.raises(SystemExit, match="holds no hypotheses"):
+        agg_eval.main(["mt", str(mt_data), "--path", str(save / "checkpoint_last.pt"), "--out", str(tmp_path / "o"),
+                       "--generate-output", str(bogus), "--cpu"])
