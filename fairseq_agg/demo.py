@@ -67,6 +67,9 @@ DEFAULT_THRESHOLD = 5
 DEFAULT_ALPHA = 0.03
 
 DEFAULT_MAX_UPDATE = 600
+
+# The runs --runs can choose: MLE and AGG (the demo), and the other remedies of the toolkit.
+RUNS = ("mle", "agg", "coupled_adam", "cosreg", "agg_coupled_adam")
 QUICK_MAX_UPDATE = 150
 
 
@@ -96,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warm-up updates (default: 150, at most a quarter of --max-update)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens per update (default: %(default)s)")
     p.add_argument("--tokens-per-sample", type=int, default=TOKENS_PER_SAMPLE, help="(default: %(default)s)")
-    p.add_argument("--only", choices=["mle", "agg"], default=None, help="train only one of the two models")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["mle", "agg"],
+                   help="models to train (default: mle agg); the remedies comparison of the README is "
+                   "--runs " + " ".join(RUNS))
+    p.add_argument("--cosreg-gamma", type=float, default=1.0, help="CosReg weight of the cosreg run (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2,
                    help="train this many models at once, splitting the CPU threads between them "
                    "(default: %(default)s; 1 trains them one after the other)")
@@ -195,13 +201,24 @@ def preprocess(data: Path, workdir: Path, threshold: int, verbose: bool) -> Path
     return dest
 
 
-def train_command(args, data_bin: Path, save_dir: Path, agg: bool) -> List[str]:
+def run_options(args, name: str) -> List[str]:
+    """Task, criterion and optimizer of each demo run; everything else is shared."""
+    agg = ["--criterion", "agg_cross_entropy", "--agg-alpha", str(args.alpha)]
+    return {
+        "mle": ["--task", "language_modeling", "--criterion", "cross_entropy", "--optimizer", "adam"],
+        "agg": ["--task", "language_modeling_agg", *agg, "--optimizer", "adam"],
+        # coupled_adam needs the plug-in's task, which marks the embedding matrices
+        "coupled_adam": ["--task", "language_modeling_agg", "--criterion", "cross_entropy", "--optimizer", "coupled_adam"],
+        "cosreg": ["--task", "language_modeling", "--criterion", "cosreg_cross_entropy",
+                   "--cosreg-gamma", str(args.cosreg_gamma), "--optimizer", "adam"],
+        "agg_coupled_adam": ["--task", "language_modeling_agg", *agg, "--optimizer", "coupled_adam"],
+    }[name]
+
+
+def train_command(args, data_bin: Path, save_dir: Path, name: str) -> List[str]:
     max_update = args.max_update
     warmup = args.warmup_updates if args.warmup_updates is not None else max(1, min(150, max_update // 4))
-    if agg:
-        task = ["--task", "language_modeling_agg", "--criterion", "agg_cross_entropy", "--agg-alpha", str(args.alpha)]
-    else:
-        task = ["--task", "language_modeling", "--criterion", "cross_entropy"]
+    task = run_options(args, name)
     cmd = [
         sys.executable, "-m", "fairseq_cli.train", str(data_bin),
         "--user-dir", str(PACKAGE_DIR), *task,
@@ -214,7 +231,7 @@ def train_command(args, data_bin: Path, save_dir: Path, agg: bool) -> List[str]:
         "--dropout", "0.1",
         "--tokens-per-sample", str(args.tokens_per_sample), "--sample-break-mode", "none",
         "--max-tokens", str(args.max_tokens), "--required-batch-size-multiple", "1",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01",
+        "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01",
         "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt",
         "--warmup-updates", str(warmup), "--warmup-init-lr", "1e-07",
         "--max-update", str(max_update), "--seed", str(args.seed), "--cpu", "--num-workers", "0",
@@ -252,9 +269,10 @@ def train_all(args, data_bin: Path, names: List[str]) -> Dict[str, Dict]:
                 if save_dir.exists():
                     shutil.rmtree(save_dir)  # never resume a previous demo's checkpoint
                 save_dir.mkdir(parents=True)
-                what = "language_modeling_agg + agg_cross_entropy" if name == "agg" else "language_modeling + cross_entropy"
+                options = run_options(args, name)
+                what = " + ".join(options[i + 1] for i, o in enumerate(options) if o in ("--task", "--criterion", "--optimizer"))
                 print(f"[{name}] training ({what}), log: {save_dir / 'train.log'}", flush=True)
-                cmd = train_command(args, data_bin, save_dir, agg=(name == "agg"))
+                cmd = train_command(args, data_bin, save_dir, name)
                 started.append((name, LoggedProcess(cmd, save_dir / "train.log", show, name, threads)))
             for name, proc in started:
                 lines = proc.wait()
@@ -334,7 +352,7 @@ def analyse(args, data_bin: Path, runs: Dict[str, Dict]) -> Dict:
         result["I(W)"] = isotropy(w)
         for group, rows in groups.items():
             result[f"I(W) {group}"] = isotropy(w, rows=rows)
-        if name == "agg":
+        if name.startswith("agg"):
             result["rare_group_size"] = rare_group_size(state, args.alpha)
     return runs
 
@@ -382,7 +400,7 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
     print(f"fairseq-agg demo: data {data}, workdir {args.workdir}, {args.max_update} updates per model, "
           f"alpha {args.alpha}, seed {args.seed}", flush=True)
     data_bin = preprocess(data, args.workdir, args.threshold, args.verbose)
-    names = [args.only] if args.only else ["mle", "agg"]
+    names = list(dict.fromkeys(args.runs))
     runs = train_all(args, data_bin, names)
     analyse(args, data_bin, runs)
     table = format_table(runs)

@@ -285,6 +285,37 @@ def neighbours_table(weight, dictionary, queries, group_of, k: int, candidates=N
     return rows
 
 
+def post_hoc_embeddings(args, weight: torch.Tensor, nspecial: int) -> Dict[str, Tuple[str, torch.Tensor]]:
+    """The output embedding after each requested post-hoc remedy (regular rows changed,
+    special rows kept): name -> (label, matrix)."""
+    from fairseq_agg import remedies
+
+    out = OrderedDict()
+    for method in args.post_hoc or []:
+        regular = weight[nspecial:]
+        if method == "mean_removal":
+            label, changed = "mean removal", remedies.remove_mean(regular)
+        else:
+            directions = args.abtt_directions or max(1, round(weight.size(1) / 100))
+            label, changed = f"all-but-the-top (D={directions})", remedies.all_but_the_top(regular, directions)
+        out[method] = (label, torch.cat([weight[:nspecial].double(), torch.as_tensor(changed).double()]).float())
+    return out
+
+
+def embedding_metrics_after_post_hoc(args, weight, groups, counts, nspecial, representer=None, wordsim=None) -> Dict:
+    """I(W), geometry and word similarity recomputed on each post-hoc-modified embedding (the
+    model's predictions are not changed: perplexity and Uniq stay those of the model)."""
+    out = OrderedDict()
+    for method, (label, changed) in post_hoc_embeddings(args, weight, nspecial).items():
+        entry = {"label": label, "isotropy": metrics.isotropy_by_group(changed, groups),
+                 "geometry": metrics.embedding_geometry(changed, counts, nspecial)}
+        if representer is not None:
+            entry["word_similarity"] = OrderedDict(
+                (name, metrics.word_similarity(pairs, changed, representer)) for name, pairs in wordsim.items())
+        out[method] = entry
+    return out
+
+
 def evaluate_lm(args) -> Dict:
     start = time.time()
     model, task, itr, device, scoring = setup_lm(args)
@@ -316,11 +347,14 @@ def evaluate_lm(args) -> Dict:
     result["singular_values"] = spectrum["normalized"]
 
     representer = _representer(args, dictionary)
+    wordsim = OrderedDict((name, metrics.load_word_similarity(path)) for name, path in _wordsim_files(args).items())
     result["word_similarity"] = OrderedDict()
-    for name, path in _wordsim_files(args).items():
-        entry = metrics.word_similarity(metrics.load_word_similarity(path), weight, representer)
+    for (name, pairs), path in zip(wordsim.items(), _wordsim_files(args).values()):
+        entry = metrics.word_similarity(pairs, weight, representer)
         entry["file"] = str(path)
         result["word_similarity"][name] = entry
+    result["post_hoc"] = embedding_metrics_after_post_hoc(args, weight, groups, counts, dictionary.nspecial,
+                                                          representer, wordsim)
 
     queries = choose_queries(args, dictionary, groups)
     result["neighbours"] = neighbours_table(weight, dictionary, queries, group_of, args.k,
@@ -503,6 +537,7 @@ def evaluate_mt(args) -> Dict:
     result["isotropy"] = metrics.isotropy_by_group(weight, groups)
     result["geometry"] = metrics.embedding_geometry(weight, counts, tgt_dict.nspecial)
     result["singular_values"] = metrics.singular_spectrum(weight[tgt_dict.nspecial:])["normalized"]
+    result["post_hoc"] = embedding_metrics_after_post_hoc(args, weight, groups, counts, tgt_dict.nspecial)
 
     # Cross-lingual neighbours (Table 14): source words among the rows of a joined dictionary,
     # each neighbour tagged with the side of the training data it mostly occurs on.
@@ -647,6 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--k", type=int, default=5, help="nearest neighbours per query (default: %(default)s)")
         q.add_argument("--neighbours", nargs="+", default=None, metavar="TOKEN",
                        help="tokens whose nearest neighbours to list (default: three rare-group tokens)")
+        q.add_argument("--post-hoc", nargs="+", default=None, choices=["mean_removal", "abtt"],
+                       help="also report I(W), geometry (and word similarity) after these post-hoc remedies "
+                       "of the output embedding: mean removal, all-but-the-top (Mu and Viswanath 2018)")
+        q.add_argument("--abtt-directions", type=int, default=None,
+                       help="principal directions all-but-the-top removes (default: d / 100, at least 1)")
         q.add_argument("--no-progress-bar", action="store_true")
 
     lm = sub.add_parser("lm", help="language model: PPL/Uniq per frequency group, I(W), word similarity, "
@@ -712,6 +752,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.name is None:
         args.name = args.path.resolve().parent.name
+    if args.abtt_directions is not None and args.abtt_directions <= 0:
+        raise EvalError("--abtt-directions must be positive")
     for option in ("max_tokens", "k"):
         if getattr(args, option) <= 0:
             raise EvalError(f"--{option.replace('_', '-')} must be positive")

@@ -261,14 +261,11 @@ def nearest_neighbours(weight, queries: Sequence[int], k: int = 5, candidates: O
 
 
 def mean_pairwise_cosine(vectors) -> float:
-    """Mean cosine similarity over pairs of distinct rows, without an N x N matrix:
-    (|sum of unit rows|^2 - N) / (N (N - 1))."""
-    unit = _unit_rows(_float64_matrix(vectors))
-    n = unit.shape[0]
-    if n < 2:
-        raise ValueError("the mean pairwise cosine needs at least two rows")
-    total = unit.sum(axis=0)
-    return float((total @ total - (unit * unit).sum()) / (n * (n - 1)))
+    """Mean cosine similarity over pairs of distinct rows, in float64, without an N x N
+    matrix (:func:`fairseq_agg.remedies.mean_pairwise_cosine`)."""
+    from fairseq_agg.remedies import mean_pairwise_cosine as pairwise
+
+    return float(pairwise(torch.from_numpy(_float64_matrix(vectors))))
 
 
 def singular_spectrum(weight) -> Dict[str, object]:

@@ -14,6 +14,8 @@ generation          5, 15       greedy continuations: Uniq per text, seq-rep-n, 
 repetition          -           next-token rep/l, wrep/l, accuracy (Welleck et al. 2020)
 geometry            -           mean cosine, mean-embedding norm, norm-frequency correlation,
                                 singular-value entropy, hidden-state mean cosine
+post_hoc            -           I(W), mean cosine, word similarity before and after mean
+                                removal / all-but-the-top (``--post-hoc``)
 neighbours          13          top-k nearest neighbours of the query tokens
 bleu                7           tokenized BLEU (compound split) and sacreBLEU
 cross_lingual       14          nearest neighbours of source tokens in the shared embedding
@@ -22,8 +24,9 @@ cross_lingual       14          nearest neighbours of source tokens in the share
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
-LM_TABLES = ("groups", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "neighbours")
-MT_TABLES = ("bleu", "isotropy_groups", "geometry", "cross_lingual")
+LM_TABLES = ("groups", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "post_hoc",
+             "neighbours")
+MT_TABLES = ("bleu", "isotropy_groups", "geometry", "post_hoc", "cross_lingual")
 TABLE_ALIASES = {"3": "groups", "4": "groups", "10": "isotropy_groups", "11": "isotropy_groups", "6": "wordsim",
                  "8": "ablation", "9": "ablation", "5": "generation", "15": "generation", "13": "neighbours",
                  "7": "bleu", "14": "cross_lingual"}
@@ -128,6 +131,22 @@ def _geometry_table(runs) -> str:
                   [[n, *(_fmt(r["geometry"].get(k[0]), k[2]) for k in keys)] for n, r in runs.items()])
 
 
+def _post_hoc_table(runs) -> Optional[str]:
+    if not any(r.get("post_hoc") for r in runs.values()):
+        return None
+    datasets = [d for d in next(iter(runs.values())).get("word_similarity", {})]
+    header = ["Method", "embedding", "I(W)", "I(W) Freq", "I(W) Med", "I(W) Rare", "mean cos", *datasets]
+    rows = []
+    for name, r in runs.items():
+        variants = [("as trained", r)] + [(v["label"], v) for v in (r.get("post_hoc") or {}).values()]
+        for label, v in variants:
+            sims = [_fmt(v.get("word_similarity", {}).get(d, {}).get("spearman")) for d in datasets]
+            rows.append([name, label, _fmt(v["isotropy"]["total"], 3), *(_fmt(v["isotropy"][g], 3) for g in GROUPS),
+                         _fmt(v["geometry"]["mean_cosine"], 3), *sims])
+    return _table(header, rows) + ("\n\nPost-hoc remedies change the embedding only: perplexity and Uniq are "
+                                   "those of the model as trained.")
+
+
 def _neighbours_table(runs, key: str) -> Optional[str]:
     have = {n: r[key] for n, r in runs.items() if r.get(key)}
     if not have:
@@ -166,6 +185,7 @@ TITLES = {
     "repetition": "Next-token repetition (Welleck et al. 2020)",
     "geometry": "Embedding geometry",
     "neighbours": "Nearest neighbours (paper Table 13)",
+    "post_hoc": "Post-hoc remedies: mean removal, all-but-the-top",
     "bleu": "BLEU (paper Table 7)",
     "cross_lingual": "Cross-lingual nearest neighbours (paper Table 14)",
 }
@@ -181,6 +201,7 @@ def _render(name: str, runs) -> Optional[str]:
         "repetition": lambda: _repetition_table(runs),
         "geometry": lambda: _geometry_table(runs),
         "neighbours": lambda: _neighbours_table(runs, "neighbours"),
+        "post_hoc": lambda: _post_hoc_table(runs),
         "bleu": lambda: _bleu_table(runs),
         "cross_lingual": lambda: _neighbours_table(runs, "cross_lingual_neighbours"),
     }[name]()

@@ -28,7 +28,10 @@ def _eval_lm(workdir, name, out, *extra):
 def demo_evals(quick_demo, tmp_path_factory):
     workdir, _ = quick_demo
     out = tmp_path_factory.mktemp("eval")
-    return workdir, {name: (_eval_lm(workdir, name, out / name), out / name) for name in ("mle", "agg")}
+    evals = {"mle": (_eval_lm(workdir, "mle", out / "mle"), out / "mle"),
+             "agg": (_eval_lm(workdir, "agg", out / "agg", "--post-hoc", "mean_removal", "abtt",
+                              "--abtt-directions", "2"), out / "agg")}
+    return workdir, evals
 
 
 def test_lm_report_and_all_pictures_from_one_command(demo_evals):
@@ -191,3 +194,23 @@ def test_mt_rejects_a_file_that_is_not_generate_output(mt_eval, mt_data, tmp_pat
     with pytest.raises(SystemExit, match="holds no hypotheses"):
         agg_eval.main(["mt", str(mt_data), "--path", str(save / "checkpoint_last.pt"), "--out", str(tmp_path / "o"),
                        "--generate-output", str(bogus), "--cpu"])
+
+
+def test_post_hoc_remedies_reported_before_and_after(quick_demo, demo_evals):
+    import torch
+
+    from fairseq_agg import remedies
+    from fairseq_agg.isotropy import isotropy
+
+    workdir, evals = demo_evals
+    result, out = evals["agg"]
+    state = torch.load(workdir / "agg" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    weight = state["model"]["decoder.embed_tokens.weight"].double()
+    regular = weight[4:]
+    after_mean = result["post_hoc"]["mean_removal"]
+    assert after_mean["geometry"]["mean_embedding_norm"] < 1e-9
+    abtt = torch.cat([weight[:4], torch.as_tensor(remedies.all_but_the_top(regular, 2))])
+    assert result["post_hoc"]["abtt"]["isotropy"]["total"] == pytest.approx(isotropy(abtt.float()), rel=1e-6)
+    assert result["post_hoc"]["abtt"]["label"] == "all-but-the-top (D=2)"
+    report = (out / "report.md").read_text()
+    assert "| AGG | as trained |" in report and "| AGG | mean removal |" in report
