@@ -1,0 +1,43 @@
+"""scripts/download-wordsim.sh: a failed or wrong download leaves nothing the evaluation would
+read. (The real mirror is not reachable from CI; these runs use file:// URLs.)"""
+
+import os
+import shutil
+import subprocess
+
+from conftest import DATA, REPO
+
+SCRIPT = REPO / "scripts" / "download-wordsim.sh"
+
+
+def _run(dest, base_url):
+    env = dict(os.environ, WORDSIM_BASE_URL=base_url)
+    return subprocess.run(["bash", str(SCRIPT), str(dest)], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_unreachable_mirror_is_a_clear_error_and_leaves_nothing(tmp_path):
+    dest = tmp_path / "wordsim"
+    proc = _run(dest, f"file://{tmp_path}/no-such-mirror")
+    assert proc.returncode != 0
+    assert "download failed" in proc.stderr and "EN-MEN-TR-3k.txt" in proc.stderr
+    assert list(dest.iterdir()) == []
+
+
+def test_truncated_file_is_refused(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(DATA / "wordsim" / "excerpts", mirror)  # 120 of MEN's 3,000 pairs
+    dest = tmp_path / "wordsim"
+    proc = _run(dest, f"file://{mirror}")
+    assert proc.returncode != 0
+    assert "has 120 pairs, the canonical file has 3000" in proc.stderr
+    assert list(dest.iterdir()) == []
+
+
+def test_complete_files_are_kept_and_skipped(tmp_path):
+    dest = tmp_path / "wordsim"
+    dest.mkdir()
+    for name in ("EN-MEN-TR-3k.txt", "EN-WS-353-ALL.txt", "EN-RG-65.txt", "EN-RW-STANFORD.txt"):
+        (dest / name).write_text("already downloaded\n")
+    proc = _run(dest, f"file://{tmp_path}/no-such-mirror")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("already there") == 4
