@@ -60,8 +60,8 @@ DEFAULT_THRESHOLD = 5
 # T = 1024 (K ~ 228 updates per epoch) alpha = 0.03 makes a word rare below 0.03 * 228 ~ 7
 # occurrences per epoch, about 1,500 words (~27% of the dictionary, ~3.5% of the training
 # tokens). Measured on this demo (600 updates): alpha = 0.03 keeps I(W) near 0.96 against
-# 0.77 for MLE at a perplexity 4% higher. A much larger group hurts isotropy again, as in the
-# paper's alpha sweep (its Figure 5).
+# 0.77 for MLE at a perplexity 4% higher. Larger alphas are not a safe bet: in the paper's
+# alpha sweep (its Figure 5) a group too large hurts isotropy again.
 # With another --max-tokens T, scale alpha with T to keep the same group.
 DEFAULT_ALPHA = 0.03
 

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ SHIPPED_DATA = REPO_DIR / "data"
 
 # An option value only known once the data is there: the updates of one training epoch.
 ONE_EPOCH = "<updates-in-one-epoch>"
+ONE_EPOCH_PROBE = "1"  # stands in for it while fairseq parses the command line to count the epoch
 
 LM_PREPARE = "bash scripts/prepare-wikitext103.sh"
 MT_PREPARE = "bash scripts/prepare-wmt14-en-de.sh"
@@ -205,32 +207,28 @@ def read_config(name: str) -> List[str]:
     return words
 
 
-def option_value(args: Sequence[str], option: str) -> Optional[str]:
-    """The value of the last ``option VALUE`` of a command line (argparse: the last one wins)."""
-    value = None
-    for i, word in enumerate(args[:-1]):
-        if word == option:
-            value = args[i + 1]
-    return value
-
-
 def updates_per_epoch(data: Path, train_args: Sequence[str]) -> int:
-    """The updates of one epoch of a language-modelling run on one GPU, as fairseq batches it
-    with --sample-break-mode none: blocks of --tokens-per-sample tokens over the whole train
-    split, --max-tokens // --tokens-per-sample blocks per batch, --update-freq batches per
-    update. (The AGG task logs the same number as its default window K.)"""
-    from fairseq.data import data_utils
+    """The updates in one epoch of a training run on one GPU, counted from the batches that
+    fairseq-train makes of the train split (the number the AGG task logs as its default window
+    K). Counted by fairseq itself: it drops blocks that do not fit, which a count from the
+    token total misses."""
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    if option_value(train_args, "--sample-break-mode") != "none":
-        raise ReproduceError("one epoch of updates is computed for --sample-break-mode none only")
-    tokens_per_sample = int(option_value(train_args, "--tokens-per-sample"))
-    blocks_per_batch = max(1, int(option_value(train_args, "--max-tokens")) // tokens_per_sample)
-    update_freq = int(option_value(train_args, "--update-freq") or 1)
-    dataset = data_utils.load_indexed_dataset(str(data / "train"), None)
-    if dataset is None:
-        raise ReproduceError(f"{data} has no binarized train split")
-    blocks = math.ceil(int(dataset.sizes.sum()) / tokens_per_sample)
-    return math.ceil(math.ceil(blocks / blocks_per_batch) / update_freq)
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(
+        parser, [str(data), "--user-dir", str(PACKAGE_DIR), *train_args]))
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset(cfg.dataset.train_subset, combine=True, epoch=1)
+    # the model's limit equals the task's for fairseq's language models (--tokens-per-sample)
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(cfg.dataset.train_subset), max_tokens=cfg.dataset.max_tokens,
+        max_sentences=cfg.dataset.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), cfg.dataset.max_tokens),
+        ignore_invalid_inputs=True, required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
+        seed=cfg.common.seed, num_workers=0, epoch=1)
+    return math.ceil(len(itr) / cfg.optimization.update_freq[0])
 
 
 @dataclass
@@ -262,7 +260,8 @@ def train_args(run: Run, ctx: Context) -> List[str]:
     if ONE_EPOCH in args:
         data = ctx.data(run)
         if (data / "train.idx").is_file():
-            args = [str(updates_per_epoch(data, args)) if a == ONE_EPOCH else a for a in args]
+            counted = updates_per_epoch(data, [ONE_EPOCH_PROBE if a == ONE_EPOCH else a for a in args])
+            args = [str(counted) if a == ONE_EPOCH else a for a in args]
         elif not ctx.dry_run:
             raise ReproduceError(f"{data} has no train split to count one epoch of updates in")
     return args
@@ -359,6 +358,7 @@ def smoke_data_steps(kinds: Sequence[str], ctx: Context) -> List[Step]:
         raw = ctx.out / "data-raw" / "wikitext-2"
 
         def slice_lm() -> None:
+            shutil.rmtree(ctx.lm_data, ignore_errors=True)  # fairseq-preprocess refuses an existing dictionary
             raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_LM_LINES.items():
                 _head(SHIPPED_DATA / "wikitext-2" / f"wiki.{split}.tokens", raw / f"{split}.txt", lines)
@@ -375,6 +375,7 @@ def smoke_data_steps(kinds: Sequence[str], ctx: Context) -> List[Step]:
         raw = ctx.out / "data-raw" / "wmt14-en-de"
 
         def slice_mt() -> None:
+            shutil.rmtree(ctx.mt_data, ignore_errors=True)
             raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_MT_LINES.items():
                 for lang in ("en", "de"):
@@ -444,15 +445,20 @@ class Runner:
         except ValueError:
             return None
 
+    @staticmethod
+    def _same_command(stamp: Dict, step: Step) -> bool:
+        # the interpreter's path (python, python3, a venv's) is no part of what a step computes
+        return (stamp.get("command") or [None])[1:] == step.command[1:]
+
     def run(self, step: Step, force: bool = False) -> bool:
         """Runs the step unless it is done; True if it ran."""
         stamp = self._read_stamp(step)
-        if stamp is not None and stamp.get("command") != step.command and step.what == "train":
+        same = stamp is not None and self._same_command(stamp, step)
+        if stamp is not None and not same and step.what == "train":
             raise ReproduceError(
                 f"{step.who} in {step.log.parent} was trained with another command (see {step.stamp}); "
                 f"remove {step.log.parent} to train it again, or use another --out")
-        if stamp is not None and stamp.get("command") == step.command and stamp.get("finished") \
-                and step.done_when.is_file() and not force:
+        if same and stamp.get("finished") and step.done_when.is_file() and not force:
             say(f"{step.who}: {step.what} done before, reusing {step.done_when}")
             return False
         resuming = step.what == "train" and stamp is not None and (step.log.parent / "checkpoint_last.pt").is_file()
