@@ -454,14 +454,15 @@ class Runner:
         """Runs the step unless it is done; True if it ran."""
         stamp = self._read_stamp(step)
         same = stamp is not None and self._same_command(stamp, step)
-        if stamp is not None and not same and step.what == "train":
+        trained = (step.log.parent / "checkpoint_last.pt").is_file()
+        if stamp is not None and not same and step.what == "train" and trained:  # fairseq would resume it
             raise ReproduceError(
                 f"{step.who} in {step.log.parent} was trained with another command (see {step.stamp}); "
                 f"remove {step.log.parent} to train it again, or use another --out")
         if same and stamp.get("finished") and step.done_when.is_file() and not force:
             say(f"{step.who}: {step.what} done before, reusing {step.done_when}")
             return False
-        resuming = step.what == "train" and stamp is not None and (step.log.parent / "checkpoint_last.pt").is_file()
+        resuming = step.what == "train" and trained
         step.log.parent.mkdir(parents=True, exist_ok=True)
         if step.before:
             step.before()
@@ -479,6 +480,9 @@ class Runner:
                 self.active[proc.pid] = proc
             try:
                 rc = proc.wait()
+            except BaseException:  # Ctrl-C: the step runs in its own session and would outlive us
+                self._terminate(proc)
+                raise
             finally:
                 with self.lock:
                     self.active.pop(proc.pid, None)
@@ -504,14 +508,19 @@ class Runner:
             if summary:
                 say(summary[-1])
 
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        """The step's process and what it started (fairseq-agg-eval runs fairseq-generate)."""
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def stop_all(self) -> None:
         with self.lock:
             self.stopping = True
             for proc in self.active.values():  # only the processes this runner started
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                self._terminate(proc)
 
     def run_parallel(self, chains: Sequence[Sequence[Step]]) -> None:
         if self.ctx.jobs <= 1 or len(chains) <= 1:
@@ -520,7 +529,11 @@ class Runner:
             return
         with ThreadPoolExecutor(max_workers=self.ctx.jobs) as pool:
             futures = [pool.submit(self.run_chain, chain) for chain in chains]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                self.stop_all()
+                raise
             failed = [f for f in done if f.exception() is not None]
             if failed:
                 self.stop_all()
@@ -660,9 +673,20 @@ def parse(argv: Sequence[str]) -> Tuple[List[Table], Context]:
     return tables, ctx
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so that the running steps are stopped too, as on Ctrl-C
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     tables, ctx = parse(sys.argv[1:] if argv is None else argv)
-    written = reproduce(tables, ctx)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        written = reproduce(tables, ctx)
+    except KeyboardInterrupt:
+        print("reproduce: interrupted, the running steps were stopped; the same command resumes "
+              "(finished steps are kept, trainings go on from checkpoint_last.pt)", file=sys.stderr)
+        return 130
     for path in written:
         print(path.read_text(encoding="utf-8"))
     return 0

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,10 +100,16 @@ def test_table3_smoke_has_the_papers_rows_and_columns(table3, lm_out):
     assert results["checkpoint"].endswith("lm_agg/checkpoint_best.pt")
 
 
-def test_table6_reuses_the_table3_models(table3, lm_out):
+def test_table6_reuses_the_table3_models_and_resumes_an_unfinished_one(table3, lm_out):
+    # as if lm_mle's training had been interrupted after its last checkpoint
+    stamp = lm_out / "runs" / "lm_mle" / "train.json"
+    stamp.write_text(json.dumps(dict(json.loads(stamp.read_text()), finished=False)))
     proc = run_ok("6", "--smoke", "--out", lm_out)
-    assert "lm_mle: train done before" in proc.stdout and "lm_agg: eval done before" in proc.stdout
-    assert ": train finished" not in proc.stdout
+    assert "lm_agg: train done before" in proc.stdout and "lm_agg: eval done before" in proc.stdout
+    assert "lm_mle: train (resuming from checkpoint_last.pt)" in proc.stdout
+    assert "lm_mle: eval finished" in proc.stdout  # on the resumed checkpoint
+    log = (lm_out / "runs" / "lm_mle" / "train.log").read_text()
+    assert "Loaded checkpoint" in log and log.count("done training") == 2
     rows = table_rows(section((lm_out / "table6.md").read_text(), "Ours"), "| Dataset | MLE | AGG |")
     assert list(rows) == ["MEN", "WS353", "RG65", "RW"]
 
@@ -137,6 +144,28 @@ def test_a_failing_step_names_itself_and_its_log(table3, lm_out):
     assert proc.returncode != 0
     assert re.search(r"step 'train' of study_\w+ failed \(exit \d+\); log: .*/runs/study_\w+/train\.log", proc.stderr)
     assert "--no-such-option" in proc.stderr  # the log's tail comes with it
+
+
+def test_steps_are_skipped_when_done_and_refused_only_where_a_checkpoint_would_resume(tmp_path):
+    _, ctx = reproduce.parse(["3", "--smoke", "--out", str(tmp_path)])
+    runner = reproduce.Runner(ctx)
+    folder = tmp_path / "run"
+    checkpoint = folder / "checkpoint_last.pt"
+
+    def train(code):
+        return reproduce.Step("train", "fake", [sys.executable, "-c", code], folder / "train.log", checkpoint)
+
+    with pytest.raises(SystemExit, match=r"step 'train' of fake failed \(exit 3\); log: .*run/train\.log"):
+        runner.run(train("raise SystemExit(3)"))
+    writes = f"open({str(checkpoint)!r}, 'w').write('a')"
+    assert runner.run(train(writes))  # another command, but nothing to resume: it runs
+    assert not runner.run(train(writes))  # finished with the same command: reused
+    assert runner.run(train(writes), force=True)
+    with pytest.raises(SystemExit, match=r"fake in .*run was trained with another command"):
+        runner.run(train(writes + " # changed"))
+    with pytest.raises(SystemExit, match="finished without writing"):
+        runner.run(reproduce.Step("eval", "fake", [sys.executable, "-c", "pass"], folder / "eval.log",
+                                  folder / "eval" / "results.json"))
 
 
 @pytest.fixture(scope="module")
