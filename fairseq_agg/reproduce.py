@@ -8,7 +8,7 @@ paper's table; a run is a configuration file of ``configs/`` plus a few options.
 through the same steps:
 
     train    python -m fairseq_cli.train DATA --user-dir fairseq_agg $(configs/X.args) OPTIONS
-    average  python -m fairseq_agg.average_checkpoints ... (translation: the last 5 checkpoints)
+    average  python fairseq_agg/average_checkpoints.py ... (translation: the last 5 checkpoints)
     eval     python -m fairseq_agg.eval lm|mt DATA --path CHECKPOINT --out DIR/runs/RUN/eval
 
 and the table ends with ``python -m fairseq_agg.eval compare ... --tables N``, whose tables go
@@ -634,13 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help=f"one of {', '.join(TABLES)}, alpha (= fig5) or all")
     p.add_argument("--smoke", action="store_true",
                    help="tiny models, 20 updates, the shipped data, on CPU: checks the pipeline in minutes")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: runs/reproduce, or runs/reproduce-smoke with --smoke)")
-    p.add_argument("--lm-data", type=Path, default=Path("data-bin/wikitext-103"),
+    p.add_argument("--lm-data", type=Path, default=Path("data-bin/wikitext-103"), metavar="DIR",
                    help=f"WikiText-103 data-bin of `{LM_PREPARE}` (default: %(default)s)")
-    p.add_argument("--mt-data", type=Path, default=Path("data-bin/wmt14_en_de"),
+    p.add_argument("--mt-data", type=Path, default=Path("data-bin/wmt14_en_de"), metavar="DIR",
                    help=f"WMT14 En-De data-bin of `{MT_PREPARE}` (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="runs trained side by side (default: 1, or 2 with --smoke)")
     p.add_argument("--cpu", action="store_true", help="train and evaluate on CPU, without --fp16 (implied by --smoke)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
