@@ -298,7 +298,7 @@ def post_hoc_embeddings(args, weight: torch.Tensor, nspecial: int) -> Dict[str, 
         else:
             directions = args.abtt_directions or max(1, round(weight.size(1) / 100))
             label, changed = f"all-but-the-top (D={directions})", remedies.all_but_the_top(regular, directions)
-        out[method] = (label, torch.cat([weight[:nspecial].double(), torch.as_tensor(changed).double()]).float())
+        out[method] = (label, torch.cat([weight[:nspecial].double(), torch.as_tensor(changed).double()]))
     return out
 
 
