@@ -332,10 +332,14 @@ def runs(lm_data, tmp_path_factory):
     first = lm_train(lm_data, root / "resumed", *COUPLED, "--max-update", N, name="coupled first half")
     unlikelihood = lm_train(lm_data, root / "ul", *COUPLED, "--max-update", 2, "--disable-validation",
                             criterion="agg_unlikelihood", name="coupled agg_unlikelihood")
-    run_all([full, first, unlikelihood])
+    # the UL baseline (no AGG) with Coupled Adam: the plug-in's task marks the embeddings
+    ul_baseline = lm_train(lm_data, root / "ul_baseline", "--optimizer", "coupled_adam", "--max-update", 2,
+                           "--disable-validation", criterion="unlikelihood_cross_entropy",
+                           name="coupled unlikelihood_cross_entropy")
+    run_all([full, first, unlikelihood, ul_baseline])
     resumed = lm_train(lm_data, root / "resumed", *COUPLED, "--max-update", 2 * N, name="coupled resumed")
     resumed.wait()
-    return {"full": full, "resumed": resumed, "unlikelihood": unlikelihood}
+    return {"full": full, "resumed": resumed, "unlikelihood": unlikelihood, "ul_baseline": ul_baseline}
 
 
 def test_agg_with_coupled_adam_trains_and_resumes_bit_identically(runs):
@@ -360,8 +364,9 @@ def test_agg_with_coupled_adam_trains_and_resumes_bit_identically(runs):
     assert [(r["num_updates"], r["loss"]) for r in resumed.records["train_inner"]] == losses
 
 
-def test_agg_unlikelihood_with_coupled_adam_trains(runs):
-    records = runs["unlikelihood"].records["train_inner"]
+@pytest.mark.parametrize("run", ["unlikelihood", "ul_baseline"])
+def test_unlikelihood_with_coupled_adam_trains(runs, run):
+    records = runs[run].records["train_inner"]
     assert [int(r["num_updates"]) for r in records] == [1, 2]
     assert all(float(r["ul_loss"]) >= 0 for r in records)
-    assert "coupled_adam: decoder.embed_tokens.weight" in runs["unlikelihood"].log
+    assert "coupled_adam: decoder.embed_tokens.weight" in runs[run].log
