@@ -355,40 +355,40 @@ def smoke_data_steps(kinds: Sequence[str], ctx: Context) -> List[Step]:
     preprocess = [ctx.python, "-m", "fairseq_cli.preprocess", "--workers", "1", "--padding-factor", "1",
                   "--nwordssrc", str(SMOKE_VOCAB)]
     if "lm" in kinds:
-        raw = ctx.out / "data-raw" / "wikitext-2"
+        lm_raw = ctx.out / "data-raw" / "wikitext-2"
 
         def slice_lm() -> None:
             shutil.rmtree(ctx.lm_data, ignore_errors=True)  # fairseq-preprocess refuses an existing dictionary
-            raw.mkdir(parents=True, exist_ok=True)
+            lm_raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_LM_LINES.items():
-                _head(SHIPPED_DATA / "wikitext-2" / f"wiki.{split}.tokens", raw / f"{split}.txt", lines)
+                _head(SHIPPED_DATA / "wikitext-2" / f"wiki.{split}.tokens", lm_raw / f"{split}.txt", lines)
 
         steps.append(Step("binarize", "smoke data",
-                          [*preprocess, "--only-source", "--trainpref", str(raw / "train.txt"),
-                           "--validpref", str(raw / "valid.txt"), "--testpref", str(raw / "test.txt"),
+                          [*preprocess, "--only-source", "--trainpref", str(lm_raw / "train.txt"),
+                           "--validpref", str(lm_raw / "valid.txt"), "--testpref", str(lm_raw / "test.txt"),
                            "--destdir", str(ctx.lm_data)],
                           ctx.out / "data-bin" / "wikitext-2.log", ctx.lm_data / "test.idx", before=slice_lm,
                           note="after copying the first " + ", ".join(f"{n} lines of wiki.{s}.tokens"
                                                                       for s, n in SMOKE_LM_LINES.items())
-                          + f" from data/wikitext-2 to {raw}"))
+                          + f" from data/wikitext-2 to {lm_raw}"))
     if "mt" in kinds:
-        raw = ctx.out / "data-raw" / "wmt14-en-de"
+        mt_raw = ctx.out / "data-raw" / "wmt14-en-de"
 
         def slice_mt() -> None:
             shutil.rmtree(ctx.mt_data, ignore_errors=True)
-            raw.mkdir(parents=True, exist_ok=True)
+            mt_raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_MT_LINES.items():
                 for lang in ("en", "de"):
-                    _head(SHIPPED_DATA / "wmt14-en-de-sample" / f"{split}.{lang}", raw / f"{split}.{lang}", lines)
+                    _head(SHIPPED_DATA / "wmt14-en-de-sample" / f"{split}.{lang}", mt_raw / f"{split}.{lang}", lines)
 
         steps.append(Step("binarize", "smoke data",
                           [*preprocess, "--source-lang", "en", "--target-lang", "de", "--joined-dictionary",
-                           "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"),
-                           "--testpref", str(raw / "test"), "--destdir", str(ctx.mt_data)],
+                           "--trainpref", str(mt_raw / "train"), "--validpref", str(mt_raw / "valid"),
+                           "--testpref", str(mt_raw / "test"), "--destdir", str(ctx.mt_data)],
                           ctx.out / "data-bin" / "wmt14-en-de.log", ctx.mt_data / "test.en-de.de.idx", before=slice_mt,
                           note="after copying the first " + ", ".join(f"{n} pairs of {s}"
                                                                       for s, n in SMOKE_MT_LINES.items())
-                          + f" from data/wmt14-en-de-sample to {raw}"))
+                          + f" from data/wmt14-en-de-sample to {mt_raw}"))
     return steps
 
 

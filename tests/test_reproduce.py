@@ -308,6 +308,10 @@ def test_all_runs_each_model_once(capsys, tmp_path):
     save_dirs = [c[c.index("--save-dir") + 1] for c in commands if "fairseq_cli.train" in c]
     assert len(save_dirs) == len(set(save_dirs)) == 20
     assert sum(1 for c in commands if "compare" in c) == len(reproduce.TABLES)
+    _, commands = dry_run(capsys, "all", "--smoke", "--out", str(tmp_path))
+    lm, mt = [c for c in commands if "fairseq_cli.preprocess" in c]
+    assert lm[lm.index("--trainpref") + 1] == str(tmp_path / "data-raw" / "wikitext-2" / "train.txt")
+    assert mt[mt.index("--trainpref") + 1] == str(tmp_path / "data-raw" / "wmt14-en-de" / "train")
 
 
 def test_dry_run_through_the_script_prints_the_commands(tmp_path):
