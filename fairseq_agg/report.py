@@ -7,6 +7,7 @@ Table names for ``fairseq-agg-eval compare --tables`` (paper table numbers are a
 name                paper       columns
 ==================  ==========  ==========================================================
 groups              3, 4        PPL and Uniq per frequency group and total, I(W); Human row
+study               1, 2        PPL and I(W) per frequency group and total
 isotropy_groups     10, 11      I(W) of the frequent, medium and rare rows
 wordsim             6           Spearman rho x 100 on MEN, WS353, RG65, RW
 ablation            8, 9        total PPL, Uniq, I(W) (also the alpha sweep of Figure 5)
@@ -24,10 +25,10 @@ cross_lingual       14          nearest neighbours of source tokens in the share
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
-LM_TABLES = ("groups", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "post_hoc",
+LM_TABLES = ("groups", "study", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "post_hoc",
              "neighbours")
 MT_TABLES = ("bleu", "isotropy_groups", "geometry", "post_hoc", "cross_lingual")
-TABLE_ALIASES = {"3": "groups", "4": "groups", "10": "isotropy_groups", "11": "isotropy_groups", "6": "wordsim",
+TABLE_ALIASES = {"1": "study", "2": "study", "3": "groups", "4": "groups", "10": "isotropy_groups", "11": "isotropy_groups", "6": "wordsim",
                  "8": "ablation", "9": "ablation", "5": "generation", "15": "generation", "13": "neighbours",
                  "7": "bleu", "14": "cross_lingual"}
 GROUPS = ("frequent", "medium", "rare")
@@ -61,6 +62,12 @@ def _groups_table(runs: Mapping[str, Dict]) -> str:
     human = next(iter(runs.values()))["human"]
     rows.append(["Human", "-", "-", "-", "-", *(str(human[g]) for g in GROUPS), str(human["total"]), "-"])
     return _table(header, rows)
+
+
+def _study_table(runs) -> str:
+    return _table(["Method", *(f"PPL {g}" for g in GROUP_HEAD), "PPL Total", *(f"I(W) {g}" for g in GROUP_HEAD), "I(W) Total"],
+                  [[n, *(_fmt(r["ppl"][g]["ppl"]) for g in GROUPS), _fmt(r["ppl"]["total"]["ppl"]),
+                    *(_fmt(r["isotropy"][g], 3) for g in GROUPS), _fmt(r["isotropy"]["total"], 3)] for n, r in runs.items()])
 
 
 def _isotropy_table(runs) -> str:
@@ -179,6 +186,7 @@ def _bleu_table(runs) -> str:
 TITLES = {
     "groups": "Perplexity and Uniq per frequency group (paper Tables 3-4)",
     "isotropy_groups": "I(W) per frequency group (paper Tables 10-11)",
+    "study": "PPL and I(W) per frequency group (paper Tables 1-2)",
     "wordsim": "Word similarity (paper Table 6)",
     "ablation": "PPL, Uniq, I(W) (paper Tables 8-9, Figure 5)",
     "generation": "Greedy generation (paper Tables 5 and 15)",
@@ -195,6 +203,7 @@ def _render(name: str, runs) -> Optional[str]:
     return {
         "groups": lambda: _groups_table(runs),
         "isotropy_groups": lambda: _isotropy_table(runs),
+        "study": lambda: _study_table(runs),
         "wordsim": lambda: _wordsim_table(runs),
         "ablation": lambda: _ablation_table(runs),
         "generation": lambda: _generation_table(runs),

@@ -149,6 +149,10 @@ step "normalising and tokenising train (${TRAIN_CORPORA[*]}), valid ($VALID_SET)
     --sgm en "$WORK/test.tok.en" "$RAW_DIR/$TEST_SGM_EN" \
     --sgm de "$WORK/test.tok.de" "$RAW_DIR/$TEST_SGM_DE"
 
+# the untokenized German side of newstest2014, the reference of detokenized sacreBLEU
+# (fairseq-agg-eval mt --reference OUT/test.raw.de)
+"$PYTHON" "$PREPARE_PY/wmt.py" reference "$RAW_DIR/$TEST_SGM_DE" "$PARTIAL/test.raw.de"
+
 # -- joint BPE -----------------------------------------------------------------------------------
 cat "$WORK/train.tok.en" "$WORK/train.tok.de" >"$WORK/train.tok.en-de"
 step "learning $BPE_TOKENS BPE merges on the English and German training text together"

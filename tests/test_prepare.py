@@ -336,6 +336,9 @@ def test_wmt14_smoke_run_binarizes_a_joined_dictionary(wmt_run):
     expected = MosesTokenizer(lang="de").tokenize(first_segment, aggressive_dash_splits=True, return_str=True)
     assert read_lines(out / "text" / "test.de")[0].replace("@@ ", "") == expected
     assert "@-@" in " ".join(read_lines(out / "text" / "train.en"))
+    # the raw German side for detokenized sacreBLEU: one untokenized segment per test pair
+    reference = read_lines(out / "test.raw.de")
+    assert len(reference) == 300 and reference[0] == " ".join(first_segment.split())
 
 
 def test_clean_corpus_rules(tmp_path):

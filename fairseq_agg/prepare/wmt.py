@@ -85,6 +85,17 @@ def sgm_segments(path: str) -> Iterable[str]:
                 yield _SEG_CLOSE.sub("", _SEG_OPEN.sub("", line.rstrip("\n")))
 
 
+def write_reference(sgm: str, output: str) -> int:
+    """The untokenized segments of ``sgm``, one per line, stripped and with runs of whitespace
+    collapsed (as sacrebleu reads WMT test sets): the reference of detokenized sacreBLEU."""
+    count = 0
+    with open(output, "w", encoding="utf-8") as out:
+        for segment in sgm_segments(sgm):
+            out.write(" ".join(segment.split()) + "\n")
+            count += 1
+    return count
+
+
 def _lines(mode: str, inputs: Sequence[str]) -> Iterable[str]:
     for path in inputs:
         if mode == SGM:
@@ -154,6 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      help="test-set pipeline on the segments of INPUT.sgm (repeatable)")
     tok.add_argument("--workers", type=int, default=default_workers())
 
+    ref = commands.add_parser("reference", help="the raw segments of a .sgm file, for detokenized sacreBLEU")
+    ref.add_argument("sgm")
+    ref.add_argument("output")
+
     cln = commands.add_parser("clean", help="clean-corpus-n.perl")
     cln.add_argument("--langs", nargs=2, required=True, metavar=("L1", "L2"))
     cln.add_argument("--corpus", nargs=2, action="append", required=True, metavar=("CORPUS", "OUTPUT"),
@@ -163,6 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cln.add_argument("--max", type=int, default=250)
 
     args = parser.parse_args(argv)
+    if args.command == "reference":
+        write_reference(args.sgm, args.output)
+        return
     if args.command == "tokenize":
         jobs = []
         for mode, specs in ((TEXT, args.text), (SGM, args.sgm)):
