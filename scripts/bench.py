@@ -18,6 +18,7 @@ returned and the peak is the peak of live tensors).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -85,7 +86,8 @@ def naive_three_logit_loss(model, sample, gates, pad):
     return nll(z0).sum() + (nll(z1) * (~rare_row)).sum() + (nll(z2) * rare_row).sum()
 
 
-def agg_loss(model, sample, gates, pad, chunk_rows):
+def agg_loss(model, sample, gates, pad, chunk_rows, bookkeeping):
+    bookkeeping()
     features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
     loss, _, _ = core.gated_loss(
         features.reshape(-1, features.size(-1)), model.decoder.output_projection.weight,
@@ -142,16 +144,23 @@ def peak_memory(step, model, device):
     return peak_rss_kb() * 1024 - base
 
 
-def measure_all(steps, model, device, warmup, repeats, memory):
-    """Median step time per method, the methods interleaved round by round so that drift
-    of the machine's speed hits them alike; then peak memory, one method at a time."""
+def measure_all(steps, model, device, warmup, repeats, memory, naive_repeats):
+    """Median step time per method: the methods interleaved round by round (in a rotating
+    order) so that drift of the machine's speed hits them alike, except the naive three-logit
+    form, timed in rounds of its own afterwards (it allocates and frees gigabytes, and the page
+    faults that follow slow whichever step comes next); then peak memory, one method at a time."""
     for name, step in steps.items():
         for _ in range(warmup):
             timed_step(step, model, device)
     times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(timed_step(step, model, device))
+    names = [name for name in steps if name != "naive_3logit"]
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed_step(steps[name], model, device))
+    if "naive_3logit" in steps:
+        for _ in range(naive_repeats if repeats else 0):
+            times["naive_3logit"].append(timed_step(steps["naive_3logit"], model, device))
     results = {name: ({"time_s": statistics.median(t)} if t else {}) for name, t in times.items()}
     if memory:
         for name, step in steps.items():
@@ -182,12 +191,21 @@ def run_config(args, vocab, tokens, device, dtype):
         counter.add(zipf_tokens((tokens,), vocab, nspecial, generator), pad)
         counter.commit()
     gates = core.compute_gates(counter.average(), args.alpha, nspecial).to(device)
+    # The per-update bookkeeping of AGG (count the targets, close the update, recompute the
+    # gates) is timed with the AGG steps; it runs on a copy of the counter whose drift (the same
+    # batch counted again and again) must not change the gates the losses use.
+    bookkeeping_counter = copy.deepcopy(counter).to(device)
+
+    def bookkeeping():
+        bookkeeping_counter.add(sample["target"], pad)
+        bookkeeping_counter.commit()
+        core.compute_gates(bookkeeping_counter.average(), args.alpha, nspecial)
     criterion = CrossEntropyCriterion(Namespace(target_dictionary=dictionary), sentence_avg=False)
     steps = {
         "fairseq_ce": lambda: fairseq_ce_loss(model, sample, criterion),
         "naive_3logit": lambda: naive_three_logit_loss(model, sample, gates, pad),
-        "agg": lambda: agg_loss(model, sample, gates, pad, 0),
-        "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk),
+        "agg": lambda: agg_loss(model, sample, gates, pad, 0, bookkeeping),
+        "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk, bookkeeping),
     }
     rare_rows = float(gates.rare[sample["target"]].float().mean())
     steps = {name: steps[name] for name in args.methods}
@@ -195,7 +213,8 @@ def run_config(args, vocab, tokens, device, dtype):
     # go back to the OS on free (MALLOC_MMAP_THRESHOLD_); that slows allocation, so times
     # come from this process and memory from a child that sets it.
     in_process_memory = device.type == "cuda" or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
-    results = measure_all(steps, model, device, args.warmup, 0 if args.memory_only else args.steps, in_process_memory)
+    results = measure_all(steps, model, device, args.warmup, 0 if args.memory_only else args.steps, in_process_memory,
+                          args.naive_steps)
     if not in_process_memory:
         memory = memory_in_child(args, vocab, tokens)
         for name in steps:
@@ -238,6 +257,8 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=20, help="updates fed to the counter before measuring")
     parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk of agg_chunked")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--naive-steps", type=int, default=3,
+                        help="timed steps of the naive three-logit form, in rounds of its own (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method, interleaved")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
