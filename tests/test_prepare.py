@@ -151,19 +151,24 @@ def _start(script, args, env):
     )
 
 
-def _interrupt_once_working(proc, root, out, sig, delay=0.5):
-    """Send ``sig`` to the run's process group ``delay`` seconds after it has started writing."""
-    deadline = time.time() + 60
-    while not list(root.glob(f"{out.name}.partial.*/work")):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.time() < deadline, "the run never started writing"
-        time.sleep(0.05)
+def _interrupt_once_working(proc, root, out, sig, delay=0.5, during="fairseq-preprocess"):
+    """Send ``sig`` to the run's process group ``delay`` seconds into the step whose log line
+    mentions ``during`` (fairseq-preprocess spends seconds importing fairseq, so the signal
+    lands mid-step however fast the machine), with the partial directory already written."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if during in line:
+            break
+    else:
+        raise AssertionError("the run ended before its step '%s':\n%s" % (during, "".join(seen)))
+    assert list(root.glob(f"{out.name}.partial.*/work")), "the run had not started writing"
     time.sleep(delay)
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:  # it ended already
         pass
-    return proc.communicate(timeout=60)[0]
+    return "".join(seen) + proc.communicate(timeout=60)[0]
 
 
 def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, wmt_run):
@@ -403,7 +408,8 @@ def test_missing_commands_are_named_only_when_needed(wmt_raw, tmp_path):
     # the files extracted already: neither curl nor tar is needed, so the run starts working
     env = script_env(PATH=_bin_dir(tmp_path / "bin", basics))
     proc = _start("prepare-wmt14-en-de.sh", ["--raw-dir", wmt_raw, "--out", tmp_path / "mt"], env)
-    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM, delay=0)
+    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM, delay=0,
+                                  during="normalising and tokenising")
     assert "error:" not in log and "nothing was written to" in log
     assert_nothing_complete(tmp_path, tmp_path / "mt")
 
