@@ -124,7 +124,12 @@ def test_objective_is_cross_entropy_plus_gamma_mean_cosine_per_token(setting, lm
         plain_loss, plain_size, plain_log, plain_grads = loss_and_grads(plain, model, sample)
         assert sample_size == plain_size == sample["ntokens"]
         # The term is gamma * C(W) per unit of sample_size, added to fairseq's summed loss.
-        assert float(loss - plain_loss) == pytest.approx(gamma * sample_size * float(cosine), rel=1e-4, abs=1e-4)
+        # Both losses are float32 sums of a few thousand nats: their difference is exact only
+        # to a few units in the last place of that sum (the term itself is also checked through
+        # the logged cosine below and through the gradients).
+        rounding = 4 * torch.finfo(torch.float32).eps * abs(float(plain_loss))
+        assert float(loss - plain_loss) == pytest.approx(gamma * sample_size * float(cosine), rel=1e-4,
+                                                          abs=max(1e-4, rounding))
         assert torch.equal(log["nll_loss"], plain_log.get("nll_loss", plain_log["loss"]))
         assert float(log["cosreg"]) == pytest.approx(float(cosine), abs=1e-6)
         expected = plain_grads[w_name] + gamma * sample_size * cosine_grad.float()

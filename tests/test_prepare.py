@@ -180,7 +180,10 @@ def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, w
             "--raw-dir", tmp_path / "raw", "--workers", 2]
 
     # Ctrl-C: the run cleans up after itself
-    log = _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGINT)
+    # delay 0: the signal lands while fairseq-preprocess is still starting; later, its worker
+    # pool could absorb Ctrl-C and let the step finish
+    log = _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGINT,
+                                  delay=0)
     assert "nothing was written to" in log
     assert_nothing_complete(tmp_path, out)
 
