@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,6 +61,16 @@ def checkpoint_config(path: Path) -> Dict:
     if cfg is None:
         raise EvalError(f"{path} holds no fairseq configuration (not a fairseq >= 0.10 checkpoint)")
     return state
+
+
+def training_setup(state: Dict) -> Dict:
+    """The criterion a checkpoint was trained with and its AGG / unlikelihood settings."""
+    criterion = state["cfg"].get("criterion") or {}
+    keys = ("agg_alpha", "agg_no_g1", "agg_no_g2", "agg_static_after", "agg_study", "unlikelihood_alpha",
+            "label_smoothing")
+    setup = {"criterion": criterion.get("_name")}
+    setup.update((k, criterion[k]) for k in keys if k in criterion)
+    return setup
 
 
 def output_embedding(model) -> torch.Tensor:
@@ -139,8 +149,9 @@ def setup_lm(args):
         dataset=dataset, max_tokens=args.max_tokens, batch_size=None,
         max_positions=utils.resolve_max_positions(model.max_positions()),
         num_workers=0, context_window=context_window)
-    return model, task, itr, device, {"tokens_per_sample": tokens_per_sample, "context_window": context_window,
-                                       "subset": args.subset, "sample_break_mode": args.sample_break_mode}
+    scoring = {"tokens_per_sample": tokens_per_sample, "context_window": context_window, "subset": args.subset,
+               "sample_break_mode": args.sample_break_mode}
+    return model, task, itr, device, scoring, training_setup(state)
 
 
 @torch.no_grad()
@@ -318,7 +329,7 @@ def embedding_metrics_after_post_hoc(args, weight, groups, counts, nspecial, rep
 
 def evaluate_lm(args) -> Dict:
     start = time.time()
-    model, task, itr, device, scoring = setup_lm(args)
+    model, task, itr, device, scoring, trained_with = setup_lm(args)
     dictionary = task.target_dictionary
     vocab = len(dictionary)
     counts = load_dictionary_counts(dictionary)
@@ -331,7 +342,7 @@ def evaluate_lm(args) -> Dict:
           f"context window {scoring['context_window']})", file=sys.stderr, flush=True)
     scored = score_lm(model, task, itr, device, args.max_hidden_states, show)
     result: Dict = {"kind": "lm", "name": args.name, "checkpoint": str(args.path), "data": str(args.data),
-                    "scoring": scoring, "vocab_size": vocab,
+                    "scoring": scoring, "trained_with": trained_with, "vocab_size": vocab,
                     "group_sizes": {n: int(len(ids)) for n, ids in groups.items()}}
     result["ppl"] = metrics.group_perplexity(scored["nll"], scored["targets"], groups, vocab)
     result["uniq"] = metrics.unique_tokens(scored["argmax"], groups, vocab)
@@ -495,7 +506,7 @@ def evaluate_mt(args) -> Dict:
     task_cfg = state["cfg"]["task"]
     src, tgt = task_cfg["source_lang"], task_cfg["target_lang"]
     result: Dict = {"kind": "mt", "name": args.name, "checkpoint": str(args.path), "data": str(args.data),
-                    "direction": f"{src}-{tgt}"}
+                    "direction": f"{src}-{tgt}", "trained_with": training_setup(state)}
 
     generate_output = args.generate_output or run_generate(args, args.out)
     hyps, refs = parse_generate_output(generate_output)
@@ -624,6 +635,19 @@ def draw_mt_figures(out: Path, weight, groups, nspecial: int) -> Dict[str, str]:
     return {k: os.path.basename(v) for k, v in drawn.items()}
 
 
+def alpha_sweep(runs: Mapping[str, Dict]) -> List[Dict]:
+    """PPL, Uniq and I(W) per AGG alpha (Figure 5), when the language-model runs include AGG
+    runs of at least two alphas; [] otherwise."""
+    points = {}
+    for result in runs.values():
+        alpha = (result.get("trained_with") or {}).get("agg_alpha")
+        if result.get("kind") != "lm" or alpha is None or not str(result["trained_with"]["criterion"]).startswith("agg_"):
+            continue
+        points.setdefault(float(alpha), {"alpha": float(alpha), "ppl": result["ppl"]["total"]["ppl"],
+                                         "uniq": result["uniq"]["total"], "isotropy": result["isotropy"]["total"]})
+    return [points[a] for a in sorted(points)] if len(points) >= 2 else []
+
+
 def compare(args) -> str:
     from fairseq_agg import figures
     from fairseq_agg.report import compare_report
@@ -656,6 +680,9 @@ def compare(args) -> str:
     rare = {n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")}
     if rare:
         drawn["rare_group_size"] = figures.rare_group_size(args.out / "rare_group_size.png", rare)
+    sweep = alpha_sweep(runs)
+    if sweep:
+        drawn["alpha_sweep"] = figures.alpha_sweep(args.out / "alpha_sweep.png", sweep)
     text = compare_report(runs, tables=args.tables, figures={k: os.path.basename(v) for k, v in drawn.items()})
     (args.out / "compare.md").write_text(text, encoding="utf-8")
     (args.out / "compare.json").write_text(json.dumps({"runs": list(runs), "tables": args.tables}, indent=2) + "\n")

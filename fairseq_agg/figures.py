@@ -4,7 +4,8 @@
   frequency group (Figures 1 and 3a-b);
 - ``singular_values``: normalised singular values of the embedding matrix (Figure 3c);
 - ``rare_group_size``: AGG's rare-group size over training updates (Figure 4);
-- ``isotropy_over_training``: I(W), total and per group, over training updates (Figure 2).
+- ``isotropy_over_training``: I(W), total and per group, over training updates (Figure 2);
+- ``alpha_sweep``: perplexity, Uniq and I(W) against AGG's alpha (Figure 5).
 
 Each function takes plain data and a file name and returns the file name written.
 """
@@ -89,4 +90,17 @@ def isotropy_over_training(path: Path, series: Mapping[str, List[Dict]]) -> str:
     ax.set_ylim(0, 1.02)
     ax.set_title("Isotropy I(W) of the output embedding during training", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def alpha_sweep(path: Path, points: Sequence[Dict]) -> str:
+    """``points``: dicts with ``alpha``, ``ppl``, ``uniq`` and ``isotropy``, one per run."""
+    alphas = [p["alpha"] for p in points]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    for ax, (key, label) in zip(axes, (("ppl", "perplexity"), ("uniq", "Uniq"), ("isotropy", "I(W)"))):
+        ax.plot(alphas, [p[key] for p in points], marker="o")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(label)
+        ax.set_xticks(alphas)
+    fig.suptitle("Sensitivity to AGG's alpha", fontsize=10)
     return _save(fig, path)

@@ -177,10 +177,38 @@ def _neighbours_table(runs, key: str) -> Optional[str]:
     return _table(header, body, align_first_left=False) + "\n\n[rare]: the neighbour is in the rare 20% of the dictionary."
 
 
+MODEL_SIZES = ("base", "big")
+
+
 def _bleu_table(runs) -> str:
-    return _table(["Method", "BLEU (tokenized, compound split)", "sacreBLEU", "sentences"],
+    flat = _table(["Method", "BLEU (tokenized, compound split)", "sacreBLEU", "sentences"],
                   [[n, _fmt(r["bleu"]["tokenized_compound_split"]), _fmt(r["bleu"]["sacrebleu"]), str(r["bleu"]["sentences"])]
                    for n, r in runs.items()])
+    by_method = _runs_by_method_and_size(runs)
+    if by_method is None:
+        return flat
+    sizes = [s for s in MODEL_SIZES if any(s in cells for cells in by_method.values())]
+
+    def cell(method, size, key):
+        run = by_method[method].get(size)
+        return "-" if run is None else _fmt(run["bleu"][key])
+
+    pivot = _table(["Method", *(f"BLEU {s}" for s in sizes), *(f"sacreBLEU {s}" for s in sizes)],
+                   [[m, *(cell(m, s, "tokenized_compound_split") for s in sizes), *(cell(m, s, "sacrebleu") for s in sizes)]
+                    for m in by_method])
+    return pivot + "\n\nBLEU: tokenized, compound split (the paper's Table 7); sacreBLEU: detokenized.\n\n" + flat
+
+
+def _runs_by_method_and_size(runs) -> Optional[Dict[str, Dict[str, Dict]]]:
+    """{"MLE": {"base": run, "big": run}, ...} when every run is named "<method> <base|big>"
+    (Table 7's layout: a row per method, a column per model size); else None."""
+    out: Dict[str, Dict[str, Dict]] = {}
+    for name, run in runs.items():
+        method, _, size = name.rpartition(" ")
+        if not method or size not in MODEL_SIZES or size in out.get(method, {}):
+            return None
+        out.setdefault(method, {})[size] = run
+    return out
 
 
 TITLES = {

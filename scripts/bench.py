@@ -11,7 +11,9 @@ AGG gates coming from a token counter fed with such batches.
     python scripts/bench.py --device cuda --dtype fp16 --vocab 44256 --tokens 8192 --dim 1024 --layers 24
 
 Prints a table and writes JSON (--json). Times are medians over --steps steps after
---warmup steps; ratios are against fairseq's cross_entropy in the same run. Peak memory is
+--warmup steps; ratios are against fairseq's cross_entropy in the same run: for the methods
+timed round by round with it, the median over rounds of each round's ratio, with its
+quartiles (cheaper to make steady on a busy machine than a ratio of medians). Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the growth of the process's peak
 resident set during the step (large allocations are forced to mmap so that freed memory is
 returned and the peak is the peak of live tensors).
@@ -162,10 +164,24 @@ def measure_all(steps, model, device, warmup, repeats, memory, naive_repeats):
         for _ in range(naive_repeats if repeats else 0):
             times["naive_3logit"].append(timed_step(steps["naive_3logit"], model, device))
     results = {name: ({"time_s": statistics.median(t)} if t else {}) for name, t in times.items()}
+    if "fairseq_ce" in steps and repeats:
+        # Steps of one round ran seconds apart, so their ratio cancels the machine's drift
+        # over the run; the median over rounds and its quartiles show how steady that is.
+        for name in names:
+            ratios = [t / ce for t, ce in zip(times[name], times["fairseq_ce"])]
+            results[name]["paired_ratio"] = statistics.median(ratios)
+            results[name]["paired_ratio_quartiles"] = _quartiles(ratios)
     if memory:
         for name, step in steps.items():
             results[name]["peak_bytes"] = peak_memory(step, model, device)
     return results
+
+
+def _quartiles(values):
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def run_config(args, vocab, tokens, device, dtype):
@@ -284,7 +300,11 @@ def main(argv=None):
             r = row["methods"][m]
             if "time_s" not in r:
                 continue
-            t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
+            if "paired_ratio" in r and m != "fairseq_ce":
+                q1, q3 = r["paired_ratio_quartiles"]
+                t_ratio = f" ({r['paired_ratio']:.3f}x, {q1:.3f}-{q3:.3f})"
+            else:
+                t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
             m_ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x)" if base and base["peak_bytes"] > 0 else ""
             cells += [f"{r['time_s'] * 1e3:.1f}{t_ratio}", f"{r['peak_bytes'] / 2**20:.1f}{m_ratio}"]
         print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | {row['rare_target_fraction']:.1%} | "

@@ -168,6 +168,33 @@ def test_sentence_avg_scales_by_sentences(lm_data):
     assert float(loss) == pytest.approx(float(nll) + 2 * sample_size * float(cosine), rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.7])
+def test_unlikelihood_alpha_adds_the_unlikelihood_criterions_objective(lm_data, gamma):
+    """UL + CosReg: with --unlikelihood-alpha, the objective is unlikelihood_cross_entropy's
+    (tested against a dense reference in test_unlikelihood.py) plus gamma x C(W) per token."""
+    from fairseq_agg.criterions.unlikelihood import UnlikelihoodCrossEntropyConfig, UnlikelihoodCrossEntropyCriterion
+
+    task, model, criterion, samples = build(lm_args(lm_data, "--cosreg-gamma", gamma, "--unlikelihood-alpha", "0.5"))
+    model.eval()
+    ul_criterion = UnlikelihoodCrossEntropyCriterion(task, UnlikelihoodCrossEntropyConfig(unlikelihood_alpha=0.5, sentence_avg=False))
+    weight = model.decoder.output_projection.weight
+    w_name = next(n for n, p in model.named_parameters() if p is weight)
+    w64 = weight.detach().double().requires_grad_()
+    cosine = reference_mean_cosine(w64)
+    (cosine_grad,) = torch.autograd.grad(cosine, w64)
+    loss, sample_size, log, grads = loss_and_grads(criterion, model, samples[0])
+    ul_loss, ul_size, ul_log, ul_grads = loss_and_grads(ul_criterion, model, samples[0])
+    assert sample_size == ul_size and float(ul_log["ul_loss"]) > 0
+    assert float(log["ul_loss"]) == pytest.approx(float(ul_log["ul_loss"]), rel=1e-5)
+    assert float(log["nll_loss"]) == pytest.approx(float(ul_log["nll_loss"]), rel=1e-5)
+    assert float(loss) == pytest.approx(float(ul_loss) + gamma * sample_size * float(cosine), rel=1e-5)
+    expected = ul_grads[w_name] + gamma * sample_size * cosine_grad.float()
+    assert torch.allclose(grads[w_name], expected, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        if name != w_name:
+            assert torch.allclose(grad, ul_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("gamma", ["-0.1", "nan"])
 def test_negative_gamma_is_refused(lm_data, gamma):
     with pytest.raises(ValueError, match="--cosreg-gamma must be >= 0"):
@@ -191,7 +218,9 @@ def runs(lm_data, mt_data, tmp_path_factory):
     translation = mt_train(mt_data, root / "mt", "--task", "translation", "--label-smoothing", "0.1",
                            "--cosreg-gamma", "5", "--max-update", 2, "--update-freq", 2,
                            criterion="cosreg_cross_entropy", name="cosreg on fairseq's translation")
-    return {run.name: run for run in run_all([coupled, translation])}
+    unlikelihood = lm_train(lm_data, root / "ul", "--unlikelihood-alpha", "1", "--cosreg-gamma", "5",
+                            "--max-update", 2, criterion="cosreg_cross_entropy", name="ul + cosreg")
+    return {run.name: run for run in run_all([coupled, translation, unlikelihood])}
 
 
 def check_logged_objective(run):
@@ -219,3 +248,13 @@ def test_cosreg_on_fairseq_translation_task_trains(runs):
     run = runs["cosreg on fairseq's translation"]
     check_logged_objective(run)
     assert run.checkpoint()["cfg"]["task"]["_name"] == "translation"
+
+
+def test_unlikelihood_with_cosreg_trains(runs):
+    run = runs["ul + cosreg"]
+    check_logged_objective(run)
+    # The logged loss (bits) is NLL + UL (nats per token, logged as such) + gamma * cosine.
+    first = run.records["train_inner"][0]
+    assert float(first["ul_loss"]) > 0
+    assert float(first["loss"]) == pytest.approx(
+        float(first["nll_loss"]) + (float(first["ul_loss"]) + 5.0 * float(first["cosreg"])) / math.log(2), abs=3e-3)

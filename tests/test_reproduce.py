@@ -23,6 +23,10 @@ GROUPS_HEADER = ("| Method | PPL Freq | PPL Med | PPL Rare | PPL Total | Uniq Fr
                  "| Uniq Total | I(W) |")
 ISOTROPY_HEADER = "| Method | I(W) Freq | I(W) Med | I(W) Rare | I(W) total |"
 BLEU_HEADER = "| Method | BLEU (tokenized, compound split) | sacreBLEU | sentences |"
+TABLE7_HEADER = "| Method | BLEU base | BLEU big | sacreBLEU base | sacreBLEU big |"
+STUDY_HEADER = ("| Method | PPL Freq | PPL Med | PPL Rare | PPL Total | I(W) Freq | I(W) Med | I(W) Rare "
+                "| I(W) Total |")
+ABLATION_HEADER = "| Method | PPL | Uniq | I(W) |"
 
 
 def run_script(*args, timeout=600):
@@ -114,6 +118,66 @@ def test_table6_reuses_the_table3_models_and_resumes_an_unfinished_one(table3, l
     assert list(rows) == ["MEN", "WS353", "RG65", "RW"]
 
 
+def paper_header(markdown: str) -> str:
+    return section(markdown, "Paper").strip().splitlines()[0]
+
+
+def test_tables_8_9_and_figure_5_smoke_have_the_papers_rows_and_columns(table3, lm_out):
+    proc = run_ok("8", "--smoke", "--out", lm_out)
+    assert "lm_mle: train done before" in proc.stdout and "lm_agg: train done before" in proc.stdout
+    markdown = (lm_out / "table8.md").read_text()
+    rows = table_rows(section(markdown, "Ours"), ABLATION_HEADER)
+    assert list(rows) == ["MLE", "AGG", "no g1", "no g2"]
+    assert all(len(numbers(cells)) == 3 for cells in rows.values())
+    assert paper_header(markdown) == ABLATION_HEADER and "| no g1 | 15.48 | 13018 | 0.367 |" in markdown
+    assert "'agg_no_g1': True" in (lm_out / "runs" / reproduce.LM_NO_G1.id / "train.log").read_text()
+
+    run_ok("9", "--smoke", "--out", lm_out)
+    markdown = (lm_out / "table9.md").read_text()
+    assert list(table_rows(section(markdown, "Ours"), ABLATION_HEADER)) == ["MLE", "AGG", "static AGG"]
+    assert paper_header(markdown) == ABLATION_HEADER and "| static AGG | 15.55 | 13614 | 0.752 |" in markdown
+
+    run_ok("fig5", "--smoke", "--out", lm_out)
+    markdown = (lm_out / "tablefig5.md").read_text()
+    ours = section(markdown, "Ours")
+    alphas = [f"alpha {a}" for a in reproduce.ALPHAS]
+    assert list(table_rows(ours, ABLATION_HEADER)) == alphas
+    assert list(table_rows(ours, GROUPS_HEADER)) == alphas + ["Human"]
+    links = re.findall(r"\]\(([^)]+\.png)\)", markdown)
+    assert any(link.endswith("alpha_sweep.png") for link in links)
+    for link in links:
+        assert (lm_out / link).is_file(), link
+    for alpha in reproduce.ALPHAS:
+        results = json.loads((lm_out / "runs" / reproduce.LM_ALPHA[alpha].id / "eval" / "results.json").read_text())
+        assert results["trained_with"] == {**results["trained_with"], "criterion": "agg_cross_entropy",
+                                           "agg_alpha": float(alpha)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce-study")
+    first = run_ok("1", "--smoke", "--out", out)
+    second = run_ok("2", "--smoke", "--out", out)
+    return out, first, second
+
+
+def test_tables_1_and_2_smoke_have_the_papers_rows_and_columns(study):
+    out, first, second = study
+    print(f"tables 1 and 2 smoke: {first.seconds + second.seconds:.0f} s")
+    assert "study_mle: train done before" in second.stdout  # Table 2 reuses Table 1's MLE run
+    for key, names in (("1", ["MLE", "Freeze"]), ("2", ["MLE", "Freeze (b) & (c)", "Freeze (b)", "Freeze (c)"])):
+        markdown = (out / f"table{key}.md").read_text()
+        rows = table_rows(section(markdown, "Ours"), STUDY_HEADER)
+        assert list(rows) == names
+        for cells in rows.values():
+            values = numbers(cells)
+            assert all(v > 1 for v in values[:4]) and all(0 < v <= 1 for v in values[4:])
+        assert paper_header(markdown) == STUDY_HEADER
+        assert list(table_rows(section(markdown, "Paper"), STUDY_HEADER)) == names
+    for mode in ("freeze", "detach_bc", "detach_b", "detach_c"):
+        assert f"'agg_study': {mode}," in (out / "runs" / f"study_{mode}" / "train.log").read_text()
+
+
 def test_static_agg_counts_one_epoch_as_the_agg_task_does(table3, lm_out):
     log = (lm_out / "runs" / "lm_agg" / "train.log").read_text()
     window = int(re.search(r"window K = (\d+) updates \(one epoch\)", log).group(1))
@@ -179,11 +243,18 @@ def test_table7_smoke_has_bleu_for_base_and_big(table7):
     proc, out = table7
     print(f"table 7 smoke: {proc.seconds:.0f} s")
     markdown = (out / "table7.md").read_text()
-    rows = table_rows(section(markdown, "Ours"), BLEU_HEADER)
+    ours = section(markdown, "Ours")
+    # the paper's layout: a row per method, a column per model size
+    pivot = table_rows(ours, TABLE7_HEADER)
+    assert list(pivot) == ["MLE", "AGG"]
+    rows = table_rows(ours, BLEU_HEADER)
     assert list(rows) == ["MLE base", "AGG base", "MLE big", "AGG big"]
     for cells in rows.values():
         assert 0 <= float(cells[0]) <= 100 and int(cells[2]) == reproduce.SMOKE_MT_LINES["test"]
-    assert "28.70" in section(markdown, "Paper")
+    for method in ("MLE", "AGG"):
+        assert pivot[method] == [rows[f"{method} base"][0], rows[f"{method} big"][0],
+                                 rows[f"{method} base"][1], rows[f"{method} big"][1]]
+    assert paper_header(markdown) == "| Method | BLEU base | BLEU big |" and "28.70" in section(markdown, "Paper")
     for run in ("mt_base_mle", "mt_base_agg", "mt_big_mle", "mt_big_agg"):
         results = json.loads((out / "runs" / run / "eval" / "results.json").read_text())
         assert results["checkpoint"].endswith(f"{run}/checkpoint_avg5.pt")
@@ -281,6 +352,11 @@ def test_full_mode_commands_of_every_table(capsys, tmp_path, key):
     assert names == [name for name, _ in table.rows]
     assert compare[compare.index("--tables") + 1:compare.index("--out")] == list(table.compare)
     if key == "7":
+        from fairseq_agg.eval import build_parser
+
+        for command in evals:
+            options = build_parser().parse_args(command[command.index("fairseq_agg.eval") + 1:])
+            assert (options.command, options.beam, options.lenpen) == ("mt", 4, 0.6)
         averages = [c for c in commands if any(w.endswith("average_checkpoints.py") for w in c)]
         assert len(averages) == 4 and all(c[c.index("--num-update-checkpoints") + 1] == "5" for c in averages)
         assert all(c[c.index("--path") + 1].endswith("checkpoint_avg5.pt") for c in evals)

@@ -3,7 +3,8 @@
 
 Objective per update: mean (label-smoothed) cross-entropy per token + gamma * C(W), with C(W)
 the mean cosine similarity over pairs of distinct rows of the output embedding W
-(:func:`fairseq_agg.remedies.mean_pairwise_cosine`).
+(:func:`fairseq_agg.remedies.mean_pairwise_cosine`). ``--unlikelihood-alpha A`` > 0 adds
+token-level unlikelihood (the objective of ``unlikelihood_cross_entropy``): UL + CosReg.
 
 fairseq criteria return a *sum* over the micro-batch, and the trainer divides the gradients
 of all micro-batches of an update (and all workers) by their total ``sample_size``. So each
@@ -27,6 +28,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
+from fairseq_agg import core
 from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.remedies import mean_pairwise_cosine
 
@@ -39,6 +41,11 @@ class CosRegCrossEntropyConfig(FairseqDataclass):
     )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "epsilon for label smoothing, 0 means no label smoothing"}
+    )
+    unlikelihood_alpha: float = field(
+        default=0.0,
+        metadata={"help": "weight of a token-level unlikelihood term as in unlikelihood_cross_entropy "
+                  "(UL + CosReg); 0: none"},
     )
     sentence_avg: bool = II("optimization.sentence_avg")
 
@@ -56,15 +63,18 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
             raise ValueError(f"--cosreg-gamma must be >= 0 (0: plain cross-entropy), got {cfg.cosreg_gamma}")
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+        if not cfg.unlikelihood_alpha >= 0.0:
+            raise ValueError(f"--unlikelihood-alpha must be >= 0, got {cfg.unlikelihood_alpha}")
         self.gamma = cfg.cosreg_gamma
         self.eps = cfg.label_smoothing
+        self.unlikelihood_alpha = cfg.unlikelihood_alpha
         self.sentence_avg = cfg.sentence_avg
 
     def forward(self, model, sample, reduce=True):
         if not reduce:
             raise ValueError("cosreg_cross_entropy only computes summed losses (reduce=True)")
         net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample)
+        loss, nll_loss, ul_loss = self.compute_loss(model, net_output, sample)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         # With gamma 0 the cosine is only logged: no graph for it.
         with torch.set_grad_enabled(self.gamma > 0 and torch.is_grad_enabled()):
@@ -81,6 +91,8 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
             "cosreg": cosine.detach().float(),
             "cosreg_logs": 1,
         }
+        if ul_loss is not None:
+            logging_output["ul_loss"] = ul_loss.data
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -91,14 +103,20 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
             raise ValueError(f"cosreg_cross_entropy regularises the output embedding W, so: {error}") from error
 
     def compute_loss(self, model, net_output, sample):
+        """Summed (loss, nll, ul) of the cross-entropy part; ul is None without unlikelihood."""
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         lprobs = lprobs.view(-1, lprobs.size(-1))
-        target = model.get_targets(sample, net_output).view(-1)
+        targets = model.get_targets(sample, net_output)
+        target = targets.view(-1)
         if self.eps == 0:
             # fairseq's cross_entropy, operation for operation.
-            loss = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum")
-            return loss, loss
-        return label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
+            loss = nll_loss = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum")
+        else:
+            loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
+        if self.unlikelihood_alpha == 0:
+            return loss, nll_loss, None
+        ul_loss = core.unlikelihood_loss(lprobs, *core.unlikelihood_candidates(targets, self.padding_idx))
+        return loss + self.unlikelihood_alpha * ul_loss, nll_loss, ul_loss
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -113,6 +131,9 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
         if n_logs > 0:
             cosine = sum(log.get("cosreg", 0) for log in logging_outputs)
             metrics.log_scalar("cosreg", cosine / n_logs, n_logs, round=4)
+        if any("ul_loss" in log for log in logging_outputs) and ntokens > 0:
+            # Natural-log units per token, as unlikelihood_cross_entropy logs it.
+            metrics.log_scalar("ul_loss", sum(log.get("ul_loss", 0) for log in logging_outputs) / ntokens, ntokens, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
