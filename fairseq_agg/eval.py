@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,6 +47,19 @@ def _progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = 
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, leave=False)
+
+
+def token_counts(dataset, vocab_size: int, desc: str, show_progress: bool) -> np.ndarray:
+    """How often each token occurs in a binarized split (eos included, as stored)."""
+    buffer = getattr(dataset, "_bin_buffer", None)
+    index = getattr(dataset, "_index", None)
+    if buffer is not None and index is not None:
+        # fairseq's mmap format stores the split as one array of ids: count it in one pass
+        return np.bincount(np.frombuffer(buffer, dtype=index.dtype), minlength=vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in _progress(range(len(dataset)), desc, enabled=show_progress):
+        counts += np.bincount(dataset[i].numpy(), minlength=vocab_size)
+    return counts
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -197,6 +210,14 @@ def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_l
     """Greedy continuations of ``gen_len`` tokens after ``prefix_len``-token prefixes taken at
     evenly spaced, non-overlapping places of the split; also the human continuations."""
     span = prefix_len + gen_len
+    from fairseq.modules import LearnedPositionalEmbedding
+
+    # Sinusoidal positions extend to any length; learned ones end where training ended.
+    positions = getattr(model.decoder, "embed_positions", None)
+    if isinstance(positions, LearnedPositionalEmbedding) and span > positions.max_positions:
+        raise EvalError(f"--prefix-len {prefix_len} + --gen-len {gen_len} = {span} tokens exceed the model's "
+                        f"{positions.max_positions} learned positions; shorten them (or --num-texts 0 to skip "
+                        "generation)")
     available = len(stream) // span
     if available == 0:
         raise EvalError(f"the split has {len(stream)} tokens, fewer than one prefix + continuation ({span})")
@@ -223,9 +244,31 @@ def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_l
     return prefixes, generated, human
 
 
+def resolve_bpe(args) -> None:
+    """``--bpe auto``: the BPE that scripts/prepare-*.sh left in DATA/bpe (GPT-2's files or a
+    sentencepiece model), else none (a word-level dictionary). GPT-2's files default to those
+    of DATA/bpe, else to the copies shipped in data/gpt2_bpe."""
+    bpe_dir = Path(args.data) / "bpe"
+    if args.bpe == "auto":
+        if (bpe_dir / "encoder.json").is_file():
+            args.bpe = "gpt2"
+        elif (bpe_dir / "spm.model").is_file():
+            args.bpe = "sentencepiece"
+        else:
+            args.bpe = "none"
+    if args.bpe == "gpt2":
+        for option, name in (("gpt2_encoder_json", "encoder.json"), ("gpt2_vocab_bpe", "vocab.bpe")):
+            if getattr(args, option) is None:
+                local = bpe_dir / name
+                setattr(args, option, str(local if local.is_file() else REPO_DIR / "data" / "gpt2_bpe" / name))
+    elif args.bpe == "sentencepiece" and args.sentencepiece_model is None:
+        args.sentencepiece_model = str(bpe_dir / "spm.model")
+
+
 def _representer(args, dictionary):
     """word -> dictionary ids of its subwords (None if any piece is unknown)."""
     encode = None
+    resolve_bpe(args)
     if args.bpe != "none":
         from fairseq.data import encoders
 
@@ -364,6 +407,10 @@ def evaluate_lm(args) -> Dict:
         entry = metrics.word_similarity(pairs, weight, representer)
         entry["file"] = str(path)
         result["word_similarity"][name] = entry
+    result["word_similarity_bpe"] = args.bpe
+    if wordsim and all(e["covered"] == 0 for e in result["word_similarity"].values()):
+        print(f"[eval] warning: no word-similarity pair has both words in the dictionary with --bpe {args.bpe}; "
+              "if the dictionary holds subwords, name their BPE with --bpe", file=sys.stderr, flush=True)
     result["post_hoc"] = embedding_metrics_after_post_hoc(args, weight, groups, counts, dictionary.nspecial,
                                                           representer, wordsim)
 
@@ -391,28 +438,34 @@ def evaluate_lm(args) -> Dict:
 
 # -- training curves (Figures 2 and 4) -------------------------------------------------------------
 
-_LOG_VALUE = re.compile(r"\b(agg_rare|num_updates)[ =]+([\d.]+)")
-
-
-def parse_train_log(path: Path) -> List[Tuple[int, float]]:
-    """(update, AGG rare-group size) from fairseq-train's ``train_inner`` log lines (simple,
-    json or tqdm formats)."""
-    points = []
+def log_points(path: Path, section: str, key: str) -> List[Tuple[int, float]]:
+    """(update, value of ``key``) from fairseq-train's ``train_inner`` or ``valid`` log lines
+    (simple, json or tqdm formats), the first value per update."""
+    number = r"(-?[\d.]+(?:e-?\d+)?)"
+    pattern = re.compile(rf"\b({re.escape(key)}|num_updates)[ =]+{number}")
+    points: Dict[int, float] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if "train_inner" not in line:
+        if section == "train_inner" and "train_inner" not in line:
             continue
+        if section == "valid" and "| valid |" not in line and '"valid_' not in line:
+            continue
+        values = None
         if "{" in line:
             try:
                 record = json.loads(line[line.index("{"):])
-                if "agg_rare" in record and "num_updates" in record:
-                    points.append((int(float(record["num_updates"])), float(record["agg_rare"])))
-                continue
+                values = {k: record.get(k, record.get(f"{section}_{k}")) for k in (key, "num_updates")}
             except ValueError:
                 pass
-        values = dict(_LOG_VALUE.findall(line))
-        if "agg_rare" in values and "num_updates" in values:
-            points.append((int(float(values["num_updates"])), float(values["agg_rare"])))
-    return points
+        if values is None:
+            values = dict(pattern.findall(line))
+        if values.get(key) is not None and values.get("num_updates") is not None:
+            points.setdefault(int(float(values["num_updates"])), float(values[key]))
+    return sorted(points.items())
+
+
+def parse_train_log(path: Path) -> List[Tuple[int, float]]:
+    """(update, AGG rare-group size) from fairseq-train's ``train_inner`` log lines."""
+    return log_points(path, "train_inner", "agg_rare")
 
 
 def isotropy_over_training(checkpoint_dir: Path, groups, show_progress: bool) -> List[Dict]:
@@ -449,6 +502,8 @@ def training_curves(args, groups) -> Dict:
     log = args.train_log or args.path.parent / "train.log"
     if log.is_file():
         curves["rare_group_size"] = parse_train_log(log)
+        # the plug-in's tasks log I(W) at each validation, whichever checkpoints were kept
+        curves["isotropy_validation"] = [{"update": u, "total": v} for u, v in log_points(log, "valid", "isotropy")]
     if not args.no_training_curves:
         curves["isotropy"] = isotropy_over_training(args.path.parent, groups, not args.no_progress_bar)
     return curves
@@ -469,10 +524,20 @@ def run_generate(args, out_dir: Path) -> Path:
     if args.fp16:
         cmd.append("--fp16")
     print(f"[eval] fairseq-generate (beam {args.beam}, lenpen {args.lenpen}) -> {target}", file=sys.stderr, flush=True)
+    if args.no_progress_bar:
+        cmd.append("--no-progress-bar")
+    tail: "deque[str]" = deque(maxlen=40)
     with open(target, "w", encoding="utf-8") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise EvalError(f"fairseq-generate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.PIPE, text=True)
+        # fairseq-generate's own progress bar and log lines, passed on as they come
+        for line in proc.stderr:
+            tail.append(line)
+            if not args.no_progress_bar:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        returncode = proc.wait()
+    if returncode != 0:
+        raise EvalError(f"fairseq-generate failed (exit {returncode}):\n{''.join(tail)[-3000:]}")
     return target
 
 
@@ -482,7 +547,8 @@ def parse_generate_output(path: Path) -> Tuple[List[str], List[str]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("H-"):
             sid, _score, *text = line[2:].split("\t")
-            hyps[int(sid)] = text[0] if text else ""
+            # with --nbest, the first H line of an id is its best hypothesis
+            hyps.setdefault(int(sid), text[0] if text else "")
         elif line.startswith("T-"):
             sid, *text = line[2:].split("\t")
             refs[int(sid)] = text[0] if text else ""
@@ -560,8 +626,7 @@ def evaluate_mt(args) -> Dict:
             if dataset is None:
                 side_counts = {}
                 break
-            side_counts[lang] = np.bincount(np.concatenate([dataset[i].numpy() for i in range(len(dataset))]),
-                                            minlength=len(tgt_dict))
+            side_counts[lang] = token_counts(dataset, len(tgt_dict), f"counting train.{lang}", not args.no_progress_bar)
         if args.neighbours:
             queries = choose_queries(args, src_dict, groups)
         else:
@@ -620,10 +685,19 @@ def draw_lm_figures(out: Path, weight, groups, result: Dict, nspecial: int) -> D
     curves = result.get("training", {})
     if curves.get("rare_group_size"):
         drawn["rare_group_size"] = figures.rare_group_size(out / "rare_group_size.png", {name: curves["rare_group_size"]})
-    if curves.get("isotropy"):
+    series = isotropy_series(curves)
+    if series:
         drawn["isotropy_over_training"] = figures.isotropy_over_training(out / "isotropy_over_training.png",
-                                                                          {name: curves["isotropy"]})
+                                                                          {name: series})
     return {k: os.path.basename(v) for k, v in drawn.items()}
+
+
+def isotropy_series(curves: Dict) -> List[Dict]:
+    """I(W) over training for Figure 2: from the checkpoints (total and per group) when they
+    give a curve, else from the values logged at each validation (total only)."""
+    from_checkpoints = curves.get("isotropy") or []
+    from_log = curves.get("isotropy_validation") or []
+    return from_checkpoints if len(from_checkpoints) >= 2 or len(from_log) < 2 else from_log
 
 
 def draw_mt_figures(out: Path, weight, groups, nspecial: int) -> Dict[str, str]:
@@ -674,7 +748,7 @@ def compare(args) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = {"singular_values": figures.singular_values(args.out / "singular_values.png",
                                                         {n: r["singular_values"] for n, r in runs.items()})}
-    iso = {n: r["training"]["isotropy"] for n, r in runs.items() if r.get("training", {}).get("isotropy")}
+    iso = {n: isotropy_series(r["training"]) for n, r in runs.items() if isotropy_series(r.get("training", {}))}
     if iso:
         drawn["isotropy_over_training"] = figures.isotropy_over_training(args.out / "isotropy_over_training.png", iso)
     rare = {n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")}
@@ -729,12 +803,15 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--wordsim", nargs="+", default=None, metavar="NAME=FILE",
                     help="word-similarity files (default: MEN, WS353, RG65, RW from data/wordsim, the "
                     "excerpts shipped in data/wordsim/excerpts unless scripts/download-wordsim.sh fetched them)")
-    lm.add_argument("--bpe", default="none", choices=["none", "gpt2", "sentencepiece", "subword_nmt"],
-                    help="how words map to dictionary pieces for word similarity (default: %(default)s)")
-    lm.add_argument("--gpt2-encoder-json", default="https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/encoder.json")
-    lm.add_argument("--gpt2-vocab-bpe", default="https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/vocab.bpe")
-    lm.add_argument("--sentencepiece-model", default=None)
-    lm.add_argument("--bpe-codes", default=None)
+    lm.add_argument("--bpe", default="auto", choices=["auto", "none", "gpt2", "sentencepiece", "subword_nmt"],
+                    help="how words map to dictionary pieces for word similarity; auto: the BPE files that "
+                    "scripts/prepare-*.sh left in DATA/bpe, else none (default: %(default)s)")
+    lm.add_argument("--gpt2-encoder-json", default=None,
+                    help="(default: DATA/bpe/encoder.json, else the copy shipped in data/gpt2_bpe)")
+    lm.add_argument("--gpt2-vocab-bpe", default=None,
+                    help="(default: DATA/bpe/vocab.bpe, else the copy shipped in data/gpt2_bpe)")
+    lm.add_argument("--sentencepiece-model", default=None, help="(default: DATA/bpe/spm.model)")
+    lm.add_argument("--bpe-codes", default=None, help="subword-nmt codes, for --bpe subword_nmt")
     lm.add_argument("--num-texts", type=int, default=100,
                     help="greedy continuations to generate; 0 skips generation (default: %(default)s)")
     lm.add_argument("--prefix-len", type=int, default=50, help="(default: %(default)s)")

@@ -267,17 +267,6 @@ def train_args(run: Run, ctx: Context) -> List[str]:
     return args
 
 
-def bpe_options(data: Path) -> List[str]:
-    """How eval maps words to dictionary pieces for word similarity: the BPE files that
-    scripts/prepare-wikitext103.sh leaves in DATA/bpe, or none (a word-level dictionary)."""
-    if (data / "bpe" / "encoder.json").is_file():
-        return ["--bpe", "gpt2", "--gpt2-encoder-json", str(data / "bpe" / "encoder.json"),
-                "--gpt2-vocab-bpe", str(data / "bpe" / "vocab.bpe")]
-    if (data / "bpe" / "spm.model").is_file():
-        return ["--bpe", "sentencepiece", "--sentencepiece-model", str(data / "bpe" / "spm.model")]
-    return ["--bpe", "none"]
-
-
 # Evaluation sizes in smoke mode: a few short continuations instead of 100 of 50 + 100 tokens.
 SMOKE_LM_EVAL = ("--num-texts", "4", "--prefix-len", "16", "--gen-len", "16", "--max-hidden-states", "500")
 
@@ -319,10 +308,8 @@ def run_steps(run: Run, ctx: Context) -> List[Step]:
     if run.family.kind == "mt" and (data / "test.raw.de").is_file():
         # written by scripts/prepare-wmt14-en-de.sh: detokenized sacreBLEU against the raw test set
         command += ["--reference", str(data / "test.raw.de")]
-    if run.family.kind == "lm":
-        command += bpe_options(data)
-        if ctx.smoke:
-            command += SMOKE_LM_EVAL
+    if run.family.kind == "lm" and ctx.smoke:
+        command += SMOKE_LM_EVAL
     steps.append(Step("eval", run.id, command, folder / "eval.log", folder / "eval" / "results.json"))
     return steps
 

@@ -41,3 +41,21 @@ def test_complete_files_are_kept_and_skipped(tmp_path):
     proc = _run(dest, f"file://{tmp_path}/no-such-mirror")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("already there") == 4
+
+
+def test_a_complete_mirror_is_downloaded_and_read_by_the_loader(tmp_path):
+    from fairseq_agg.metrics import load_word_similarity
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    canonical = {"EN-MEN-TR-3k.txt": 3000, "EN-WS-353-ALL.txt": 353, "EN-RG-65.txt": 65, "EN-RW-STANFORD.txt": 2034}
+    for name, pairs in canonical.items():
+        end = "\r\n" if name.startswith("EN-WS") else "\n"  # WS353 comes with CRLF line ends
+        (mirror / name).write_text("".join(f"w{i}\tv{i}\t{i % 10}.5{end}" for i in range(pairs)))
+    dest = tmp_path / "wordsim"
+    proc = _run(dest, f"file://{mirror}")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == sorted(canonical)  # no temporary folder left
+    for name, pairs in canonical.items():
+        loaded = load_word_similarity(dest / name)
+        assert len(loaded) == pairs and loaded[0][:2] == ("w0", "v0")

@@ -51,6 +51,36 @@ def test_lm_report_and_all_pictures_from_one_command(demo_evals):
     assert len(result["training"]["rare_group_size"]) >= 3
     assert [p["update"] for p in result["training"]["isotropy"]] == [75, 150]
     assert result["training"]["isotropy"][-1]["total"] == pytest.approx(result["isotropy"]["total"])
+    # the plug-in's task also logged I(W) at each validation: the same values, to the log's 4 digits
+    logged = result["training"]["isotropy_validation"]
+    assert [p["update"] for p in logged] == [75, 150]
+    for from_log, from_checkpoint in zip(logged, result["training"]["isotropy"]):
+        assert from_log["total"] == pytest.approx(from_checkpoint["total"], abs=6e-5)
+
+
+def test_isotropy_curve_falls_back_to_the_validation_log():
+    checkpoints = [{"update": 50, "total": 0.9, "rare": 0.8}]
+    logged = [{"update": 25, "total": 0.95}, {"update": 50, "total": 0.9}]
+    assert agg_eval.isotropy_series({"isotropy": checkpoints, "isotropy_validation": logged}) == logged
+    assert agg_eval.isotropy_series({"isotropy": checkpoints * 2, "isotropy_validation": logged}) == checkpoints * 2
+    assert agg_eval.isotropy_series({"isotropy": checkpoints, "isotropy_validation": logged[:1]}) == checkpoints
+    assert agg_eval.isotropy_series({}) == []
+
+
+def test_log_points_read_the_simple_and_json_formats(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-01 | INFO | train_inner | epoch 001:     10 / 40 loss=9.1, agg_rare=1200, num_updates=10\n"
+        "2026-12-01 | INFO | train_inner | {\"epoch\": 1, \"loss\": \"8.9\", \"agg_rare\": \"1100\", \"num_updates\": \"20\"}\n"
+        "2026-12-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9.0 | nll_loss 9.0 | isotropy 0.8123 "
+        "| ppl 512 | num_updates 20\n"
+        "2026-12-01 | INFO | valid | epoch 001 | valid on 'test' subset | loss 9.2 | nll_loss 9.2 | ppl 600 | num_updates 20\n"
+        "2026-12-01 | INFO | valid | {\"epoch\": 2, \"valid_loss\": \"8.5\", \"valid_isotropy\": \"0.7\", "
+        "\"valid_num_updates\": \"40\"}\n",
+        encoding="utf-8")
+    assert agg_eval.parse_train_log(log) == [(10, 1200.0), (20, 1100.0)]
+    assert agg_eval.log_points(log, "valid", "isotropy") == [(20, 0.8123), (40, 0.7)]
+    assert agg_eval.log_points(log, "valid", "loss") == [(20, 9.0), (40, 8.5)]  # nll_loss is another key
 
 
 def test_mle_run_has_no_rare_group_curve(demo_evals):
@@ -174,6 +204,51 @@ def test_mt_bleu_matches_sacrebleu_on_generate_output(mt_eval):
     expected = sacrebleu.corpus_bleu(split[0], [split[1]], tokenize="none").score
     assert result["bleu"]["tokenized_compound_split"] == pytest.approx(expected, abs=0.005)
     assert 0.0 <= result["bleu"]["sacrebleu"] <= 100.0
+
+
+def test_mt_bleu_of_a_written_generate_output_matches_sacrebleu(mt_eval, mt_data, tmp_path):
+    """Hypotheses that share some words with their references, ids out of order, two
+    hypotheses per id (--nbest 2: the first is the best): both BLEU scores against sacrebleu
+    on the same sentences in id order, the compound split written out as in fairseq's
+    compound_split_bleu.sh."""
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    save, _, _ = mt_eval
+    refs = ["Orlando Bloom und Miranda Kerr lieben sich noch immer",
+            "Schauspieler Orlando Bloom und Model Miranda Kerr wollen künftig getrennte Wege gehen .",
+            "In einem Interview sagte Bloom jedoch , dass er und Kerr sich noch immer lieben .",
+            "Die Mitte-Links-Regierung hat &quot; keine &quot; Mehrheit mehr .",
+            "Das ist ein gutes Ergebnis für alle Beteiligten ."]
+    hyps = ["Orlando Bloom und Miranda Kerr lieben sich immer noch",
+            "Schauspieler Orlando Bloom und das Model Miranda Kerr gehen getrennte Wege .",
+            "In einem Gespräch sagte Bloom , dass er und Kerr sich immer noch lieben .",
+            "Die Mitte-Rechts-Regierung hat &quot; keine &quot; Mehrheit .",
+            "Das ist ein Ergebnis für alle ."]
+    lines = []
+    for i in (3, 0, 4, 1, 2):
+        lines += [f"S-{i}\tsource {i}", f"T-{i}\t{refs[i]}", f"H-{i}\t-0.5\t{hyps[i]}",
+                  f"D-{i}\t-0.5\t{hyps[i]}", f"P-{i}\t-0.5 -0.5", f"H-{i}\t-0.9\tganz falsch"]
+    generate = tmp_path / "generate-test.txt"
+    generate.write_text("\n".join(lines) + "\nGenerate test with beam=4: BLEU4 = 0.00\n", encoding="utf-8")
+    raw = [MosesDetokenizer(lang="de").detokenize(r.split()) for r in refs]
+    reference = tmp_path / "test.raw.de"
+    reference.write_text("\n".join(raw) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    agg_eval.main(["mt", str(mt_data), "--path", str(save / "checkpoint_last.pt"), "--out", str(out), "--cpu",
+                   "--generate-output", str(generate), "--reference", str(reference), "--no-progress-bar"])
+    bleu = json.loads((out / "results.json").read_text())["bleu"]
+
+    def split(text):
+        return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", text)
+
+    tokenized = sacrebleu.corpus_bleu([split(h) for h in hyps], [[split(r) for r in refs]], tokenize="none").score
+    detokenized = sacrebleu.corpus_bleu([MosesDetokenizer(lang="de").detokenize(h.split()) for h in hyps], [raw]).score
+    assert 20 < tokenized < 90 and 20 < detokenized < 90  # neither trivially 0 nor 100
+    assert bleu["sentences"] == 5
+    assert bleu["tokenized_compound_split"] == pytest.approx(tokenized, abs=0.005)
+    assert bleu["sacrebleu"] == pytest.approx(detokenized, abs=0.005)
+    assert bleu["sacrebleu_reference"].startswith("raw reference")
 
 
 def test_mt_report_neighbours_and_figures(mt_eval):

@@ -375,10 +375,10 @@ def pick_sample(setup, gates, exclude=()):
     raise AssertionError("no batch has both rare and non-rare targets")
 
 
-def prepare(setup, mode, eps):
+def prepare(setup, mode, eps, loss_chunk_size=0):
     """Counter state with rare and non-rare tokens (dynamic modes); returns crit, gates, sample."""
     history = setup.feed_counter()
-    crit = setup.agg_criterion(label_smoothing=eps, **MODES[mode])
+    crit = setup.agg_criterion(label_smoothing=eps, loss_chunk_size=loss_chunk_size, **MODES[mode])
     if mode.startswith("detach"):
         gates = ref_study_gates(setup.task.target_dictionary, mode)
     else:
@@ -466,13 +466,18 @@ def check_against_oracles(setup, crit, gates, sample, eps):
     return got
 
 
+# Both output-layer paths of the criterion: one logits tensor, and chunks of 7 positions.
+PATHS = pytest.mark.parametrize("loss_chunk_size", [0, 7], ids=["single", "chunked"])
+
+
+@PATHS
 @pytest.mark.parametrize("eps", [0.0, 0.1], ids=["ce", "ls0.1"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_gradients_equal_paper_formulation_and_eq23(make_setup, config, mode, eps):
+def test_gradients_equal_paper_formulation_and_eq23(make_setup, config, mode, eps, loss_chunk_size):
     setup = make_setup(config)
     assert setup.tied == (config in TIED)
-    crit, gates, sample = prepare(setup, mode, eps)
+    crit, gates, sample = prepare(setup, mode, eps, loss_chunk_size)
     check_against_oracles(setup, crit, gates, sample, eps)
 
 
@@ -480,10 +485,11 @@ def test_gradients_equal_paper_formulation_and_eq23(make_setup, config, mode, ep
 # loss value and ungated feature path equal fairseq's own criteria
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("eps", [0.0, 0.1], ids=["cross_entropy", "label_smoothed_cross_entropy"])
+@PATHS
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_loss_value_and_feature_gradients_equal_fairseq_criterion(make_setup, config, eps):
+def test_loss_value_and_feature_gradients_equal_fairseq_criterion(make_setup, config, eps, loss_chunk_size):
     setup = make_setup(config)
-    crit, _, sample = prepare(setup, "agg", eps)
+    crit, _, sample = prepare(setup, "agg", eps, loss_chunk_size)
     fs_crit = setup.fairseq_criterion(eps)
     got, (loss, sample_size, log) = setup.grads(agg_loss_fn(setup, crit, sample))
     want, (fs_loss, fs_sample_size, fs_log) = setup.grads(lambda: fs_crit(setup.model, sample))

@@ -397,3 +397,36 @@ def test_unlikelihood_stop_and_resume_is_bit_identical(lm_data, tmp_path, criter
     assert_params_identical(a, b)
     tail = [(r["num_updates"], r["loss"], r["ul_loss"]) for r in full.records["train_inner"][2:]]
     assert [(r["num_updates"], r["loss"], r["ul_loss"]) for r in resumed.records["train_inner"]] == tail
+
+
+# -- I(W) at each validation (paper Figure 2 from the log) -------------------------------------------
+@pytest.fixture(scope="module")
+def isotropy_runs(lm_data, mt_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("valid_isotropy")
+    every_two = ("--max-update", 4, "--validate-interval-updates", 2, "--save-interval-updates", 2)
+    runs = [lm_train(lm_data, root / "mle", *every_two, criterion="cross_entropy", name="mle"),
+            mt_train(mt_data, root / "mt", *every_two, "--label-smoothing", "0.1", name="mt agg"),
+            lm_train(lm_data, root / "off", "--max-update", 2, "--no-valid-isotropy", name="off")]
+    return {run.name: run for run in run_all(runs)}
+
+
+@pytest.mark.parametrize("name", ["mle", "mt agg"])
+def test_isotropy_of_the_output_embedding_is_logged_at_each_validation(isotropy_runs, name):
+    from fairseq_agg.isotropy import isotropy
+
+    run = isotropy_runs[name]
+    logged = {}
+    for record in run.records["valid"]:
+        logged.setdefault(int(record["valid_num_updates"]), float(record["valid_isotropy"]))
+    assert {2, 4} <= set(logged)
+    for update in (2, 4):
+        (path,) = run.save_dir.glob(f"checkpoint_*_{update}.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        weight = state.get("decoder.output_projection.weight", state["decoder.embed_tokens.weight"])
+        assert logged[update] == pytest.approx(isotropy(weight), abs=6e-5)  # logged to 4 digits
+    assert logged[2] != logged[4]
+
+
+def test_no_valid_isotropy_turns_it_off(isotropy_runs):
+    run = isotropy_runs["off"]
+    assert run.records["valid"] and not any("valid_isotropy" in r for r in run.records["valid"])

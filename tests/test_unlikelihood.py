@@ -239,7 +239,7 @@ def test_chunked_output_layer_equals_the_single_logits_pass(lm_data, criterion_a
     args = train_args(lm_data, "--agg-alpha", "0.5", "--dropout", "0") + criterion_args
     if criterion_args[1] == "unlikelihood_cross_entropy":
         args = [a for a in args if a not in ("--agg-alpha", "0.5")]
-    task, model, whole = build(args)
+    task, model, whole = build(args + ["--loss-chunk-size", "0"])
     model.double()
     sample = _sample_and_counter(task, model)
     _, _, chunked = build(args + ["--loss-chunk-size", "7"])

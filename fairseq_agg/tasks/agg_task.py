@@ -1,5 +1,6 @@
 """What the AGG criteria need from a task: the update clock, counting of training targets
-summed over micro-batches and workers, and the counter in the checkpoint."""
+summed over micro-batches and workers, and the counter in the checkpoint. Also, whatever the
+criterion, I(W) of the output embedding at each validation (paper Figure 2 from the log)."""
 
 import argparse
 import logging
@@ -8,8 +9,10 @@ from typing import Optional
 
 import torch
 from fairseq.distributed import utils as distributed_utils
+from fairseq.logging import metrics
 
 from fairseq_agg.core import TokenCounter
+from fairseq_agg.isotropy import isotropy
 from fairseq_agg.optim.coupled_adam import mark_embedding_parameters
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class AggTaskMixin:
         self.agg_counter = TokenCounter(len(dictionary), dictionary.nspecial)
         self._agg_window_from_option = False
         self._agg_frozen_rows = None
+        self._isotropy_due = not getattr(self.agg_options, "no_valid_isotropy", False)
         if getattr(self.agg_options, "amp", False):
             raise ValueError(
                 "the AGG tasks do not support --amp: it retries overflowing batches after the "
@@ -125,6 +129,26 @@ class AggTaskMixin:
             # Restored, not only gradient-free: weight decay would still move them.
             weight.data[self._agg_frozen_rows.to(weight.device)] = saved
         self.agg_counter.commit(all_reduce=_data_parallel_sum)
+        self._isotropy_due = not getattr(self.agg_options, "no_valid_isotropy", False)
+
+    # -- validation -------------------------------------------------------------------
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self._isotropy_due:
+            # Once per validation (its first batch, on every worker alike, so that the logging
+            # outputs keep the same keys everywhere): the weights change only between updates.
+            self._isotropy_due = False
+            weight = _output_embedding(model)
+            if weight is not None:
+                logging_output["isotropy"] = isotropy(weight)
+                logging_output["isotropy_logs"] = 1
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        logs = sum(log.get("isotropy_logs", 0) for log in logging_outputs)
+        if logs > 0:
+            metrics.log_scalar("isotropy", sum(log.get("isotropy", 0) for log in logging_outputs) / logs, logs, round=4)
 
     def _frozen_weights(self, model, optimizer):
         if self._agg_frozen_rows is None:
@@ -140,6 +164,13 @@ class AggTaskMixin:
         decoder = model.decoder
         weights = (decoder.embed_tokens.weight, decoder.output_projection.weight)
         return list({id(w): w for w in weights}.values())
+
+
+def _output_embedding(model) -> Optional[torch.Tensor]:
+    while hasattr(model, "module"):  # fairseq's data-parallel wrappers
+        model = model.module
+    projection = getattr(getattr(model, "decoder", None), "output_projection", None)
+    return projection.weight if isinstance(projection, torch.nn.Linear) else None
 
 
 def _starts_update(model) -> bool:

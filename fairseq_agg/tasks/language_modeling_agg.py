@@ -1,6 +1,6 @@
 """``language_modeling_agg``: fairseq's ``language_modeling`` feeding the AGG token counter."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 from fairseq.tasks import register_task
@@ -15,6 +15,9 @@ class LanguageModelingAggConfig(LanguageModelingConfig):
     train_subset: str = II("dataset.train_subset")
     update_freq: List[int] = II("optimization.update_freq")
     amp: bool = II("common.amp")
+    no_valid_isotropy: bool = field(
+        default=False, metadata={"help": "do not log I(W) of the output embedding at each validation"}
+    )
 
 
 @register_task("language_modeling_agg", dataclass=LanguageModelingAggConfig)

@@ -1,6 +1,6 @@
 """``translation_agg``: fairseq's ``translation`` feeding the AGG token counter."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 from fairseq.tasks import register_task
@@ -14,6 +14,9 @@ from fairseq_agg.tasks.agg_task import AggTaskMixin
 class TranslationAggConfig(TranslationConfig):
     update_freq: List[int] = II("optimization.update_freq")
     amp: bool = II("common.amp")
+    no_valid_isotropy: bool = field(
+        default=False, metadata={"help": "do not log I(W) of the output embedding at each validation"}
+    )
 
 
 @register_task("translation_agg", dataclass=TranslationAggConfig)
