@@ -138,14 +138,14 @@ def add_rare_row_correction(
         return out
     g1, g2 = gates.g1.to(out.dtype), gates.g2.to(out.dtype)
     if 4 * rows.numel() <= target.numel():
-        # Few rare-target rows (the usual case): gather them.
-        d_r_t_h_r = grad_logits[rows].to(out.dtype).t().matmul(features[rows].to(out.dtype))
+        # Few rare-target rows (the usual case): gather them, scale their columns, and let the
+        # matmul add into ``out`` (no (vocabulary x d) temporary).
+        out.addmm_((grad_logits[rows].to(out.dtype) * (g2 - g1)).t(), features[rows].to(out.dtype))
     else:
         # Many (early in training every token is rare): mask the features instead of
         # copying most of the logits' gradient.
         masked = features.to(out.dtype) * row_is_rare.unsqueeze(1).to(out.dtype)
-        d_r_t_h_r = grad_logits.to(out.dtype).t().matmul(masked)
-    out.addcmul_((g2 - g1).unsqueeze(1), d_r_t_h_r)
+        out.addcmul_((g2 - g1).unsqueeze(1), grad_logits.to(out.dtype).t().matmul(masked))
     y_r = target[rows]
     own = (1.0 - g2[y_r]) * grad_logits[rows, y_r].to(out.dtype)
     out.index_add_(0, y_r, own.unsqueeze(1) * features[rows].to(out.dtype))
@@ -521,7 +521,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
                 grad_features[start:end] = grad_mm.matmul(weight_mm).to(acc_dtype)
             if need_w:
                 h_mm = h.to(mm_dtype)
-                grad_weight += grad_mm.t().matmul(h_mm).to(acc_dtype)
+                if mm_dtype == acc_dtype:
+                    grad_weight.addmm_(grad_mm.t(), h_mm)  # accumulated by the matmul itself
+                else:
+                    grad_weight += grad_mm.t().matmul(h_mm).to(acc_dtype)
                 if correction is not None:
                     add_rare_row_correction(correction, grad_logits, h_mm, y, gates)
         if correction is not None:

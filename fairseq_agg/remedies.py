@@ -202,9 +202,11 @@ def mean_pairwise_cosine(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
     """Mean cosine similarity over the N (N - 1) ordered pairs of distinct rows of ``weight``
     (N, d), differentiable, without an N x N matrix.
 
-    With u_i = w_i / max(|w_i|, eps), sum over i != j of u_i . u_j = |sum_i u_i|^2 -
-    sum_i |u_i|^2. The second sum is N when no row is zero; a zero row has u_i = 0 and a
-    cosine of 0 with every row, which subtracting sum_i |u_i|^2 (not N) keeps exact.
+    With u_i = w_i / |w_i|, sum over i != j of u_i . u_j = |sum_i u_i|^2 - sum_i |u_i|^2.
+    A row of norm at most ``eps`` has no direction: u_i = 0, a cosine of 0 with every row
+    (which subtracting sum_i |u_i|^2, not N, keeps exact) and no gradient. fairseq initialises
+    the padding row to zero; through a clamped norm its gradient would be of order 1 / eps,
+    enough to dominate --clip-norm and overflow float16 in the first update.
     Computed in float32 at least (float64 stays float64); the result has that dtype.
     """
     if weight.dim() != 2:
@@ -213,7 +215,8 @@ def mean_pairwise_cosine(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
     if n < 2:
         raise ValueError(f"the mean pairwise cosine needs at least 2 rows, got {n}")
     w = weight.float() if weight.dtype in _LOW_PRECISION else weight
-    unit = torch.nn.functional.normalize(w, dim=1, eps=eps)
+    norms = w.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > eps, w / norms.clamp_min(eps), torch.zeros_like(w))
     total = unit.sum(dim=0)
     return (total.dot(total) - unit.square().sum()) / (n * (n - 1))
 

@@ -13,7 +13,6 @@ from omegaconf import II
 
 from fairseq_agg import core
 
-CPU_CHUNK_ROWS = 1024
 STUDY_MODES = ["none", "freeze", "detach_b", "detach_c", "detach_bc"]
 # (g1, g2) on the static rare group: part (b) is gated by g1, part (c) by g2.
 STUDY_GATE_VALUES = {"freeze": (0.0, 0.0), "detach_b": (0.0, 1.0), "detach_c": (1.0, 0.0), "detach_bc": (0.0, 0.0)}
@@ -48,24 +47,14 @@ class AggCrossEntropyConfig(FairseqDataclass):
     agg_study_rare_fraction: float = field(
         default=0.2, metadata={"help": "size of the static rare group of --agg-study, as a fraction of the non-special tokens"}
     )
-    loss_chunk_size: Optional[int] = field(
-        default=None,
+    loss_chunk_size: int = field(
+        default=0,
         metadata={
             "help": "compute the output layer and loss in chunks of this many positions, so that the "
-            "(positions x vocabulary) logits are never held at once (less memory); 0: one logits tensor; "
-            f"default: {CPU_CHUNK_ROWS} on CPU, where the chunked path is the faster, 0 on GPUs"
+            "(positions x vocabulary) logits are never held at once (less memory); 0: one logits tensor"
         },
     )
     sentence_avg: bool = II("optimization.sentence_avg")
-
-
-def chunk_rows_for(loss_chunk_size: Optional[int], features: torch.Tensor) -> int:
-    """--loss-chunk-size, or by default the path measured faster on the features' device
-    (scripts/bench.py): chunked on CPU; on GPUs the single logits tensor, whose matmuls run in
-    the training precision (the chunked path computes float16 gradients' products in float32)."""
-    if loss_chunk_size is not None:
-        return loss_chunk_size
-    return CPU_CHUNK_ROWS if features.device.type == "cpu" else 0
 
 
 def output_projection_weight(model) -> torch.Tensor:
@@ -84,10 +73,10 @@ def output_projection_weight(model) -> torch.Tensor:
     return projection.weight
 
 
-def check_loss_options(label_smoothing: float, loss_chunk_size: Optional[int]) -> None:
+def check_loss_options(label_smoothing: float, loss_chunk_size: int) -> None:
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
-    if loss_chunk_size is not None and loss_chunk_size < 0:
+    if loss_chunk_size < 0:
         raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {loss_chunk_size}")
 
 
@@ -103,7 +92,7 @@ def objective(criterion, model, sample, gates, label_smoothing, unlikelihood_alp
         ignore_index=criterion.padding_idx,
         label_smoothing=label_smoothing,
         unlikelihood_alpha=unlikelihood_alpha,
-        chunk_rows=chunk_rows_for(loss_chunk_size, features),
+        chunk_rows=loss_chunk_size,
     )
     sample_size = sample["target"].size(0) if sentence_avg else sample["ntokens"]
     logging_output = {

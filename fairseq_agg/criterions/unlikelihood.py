@@ -2,7 +2,6 @@
 ``unlikelihood_cross_entropy`` and its AGG-gated twin ``agg_unlikelihood`` (paper Table 4)."""
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
@@ -39,10 +38,8 @@ def _reduce_metrics(logging_outputs) -> None:
 class UnlikelihoodCrossEntropyConfig(FairseqDataclass):
     unlikelihood_alpha: float = _unlikelihood_alpha_field()
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon for label smoothing of the MLE term"})
-    loss_chunk_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "as for agg_cross_entropy: positions per output-layer chunk, 0 for none "
-                  "(default: chunked on CPU, not on GPUs)"},
+    loss_chunk_size: int = field(
+        default=0, metadata={"help": "as for agg_cross_entropy: positions per output-layer chunk, 0 for none"}
     )
     sentence_avg: bool = II("optimization.sentence_avg")
 
