@@ -209,9 +209,9 @@ def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_l
                          num_texts: int, batch_size: int, show_progress: bool) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
     """Greedy continuations of ``gen_len`` tokens after ``prefix_len``-token prefixes taken at
     evenly spaced, non-overlapping places of the split; also the human continuations."""
-    span = prefix_len + gen_len
     from fairseq.modules import LearnedPositionalEmbedding
 
+    span = prefix_len + gen_len
     # Sinusoidal positions extend to any length; learned ones end where training ended.
     positions = getattr(model.decoder, "embed_positions", None)
     if isinstance(positions, LearnedPositionalEmbedding) and span > positions.max_positions:
@@ -748,7 +748,8 @@ def compare(args) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = {"singular_values": figures.singular_values(args.out / "singular_values.png",
                                                         {n: r["singular_values"] for n, r in runs.items()})}
-    iso = {n: isotropy_series(r["training"]) for n, r in runs.items() if isotropy_series(r.get("training", {}))}
+    iso = {n: isotropy_series(r.get("training", {})) for n, r in runs.items()}
+    iso = {n: series for n, series in iso.items() if series}
     if iso:
         drawn["isotropy_over_training"] = figures.isotropy_over_training(args.out / "isotropy_over_training.png", iso)
     rare = {n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")}

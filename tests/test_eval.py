@@ -67,6 +67,43 @@ def test_isotropy_curve_falls_back_to_the_validation_log():
     assert agg_eval.isotropy_series({}) == []
 
 
+def test_bpe_auto_takes_what_the_preparation_left_in_the_data_folder(tmp_path):
+    from argparse import Namespace
+
+    from conftest import REPO
+
+    def resolved(data, bpe="auto"):
+        args = Namespace(data=data, bpe=bpe, gpt2_encoder_json=None, gpt2_vocab_bpe=None, sentencepiece_model=None)
+        agg_eval.resolve_bpe(args)
+        return args
+
+    (tmp_path / "words").mkdir()
+    assert resolved(tmp_path / "words").bpe == "none"
+    shipped = resolved(tmp_path / "words", bpe="gpt2")  # no download: the copies in data/gpt2_bpe
+    assert (shipped.gpt2_encoder_json, shipped.gpt2_vocab_bpe) == (str(REPO / "data" / "gpt2_bpe" / "encoder.json"),
+                                                                   str(REPO / "data" / "gpt2_bpe" / "vocab.bpe"))
+    (tmp_path / "gpt2" / "bpe").mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / "gpt2" / "bpe" / name).write_text("{}")
+    gpt2 = resolved(tmp_path / "gpt2")
+    assert gpt2.bpe == "gpt2" and gpt2.gpt2_encoder_json == str(tmp_path / "gpt2" / "bpe" / "encoder.json")
+    (tmp_path / "spm" / "bpe").mkdir(parents=True)
+    (tmp_path / "spm" / "bpe" / "spm.model").write_text("")
+    spm = resolved(tmp_path / "spm")
+    assert spm.bpe == "sentencepiece" and spm.sentencepiece_model == str(tmp_path / "spm" / "bpe" / "spm.model")
+
+
+def test_generation_beyond_learned_positions_is_refused():
+    from types import SimpleNamespace
+
+    from fairseq.modules import LearnedPositionalEmbedding
+
+    model = SimpleNamespace(decoder=SimpleNamespace(embed_positions=LearnedPositionalEmbedding(66, 8, padding_idx=1)))
+    with pytest.raises(SystemExit, match=r"--prefix-len 50 \+ --gen-len 100 = 150 tokens exceed the model's 64 "
+                                         r"learned positions"):
+        agg_eval.greedy_continuations(model, None, None, "cpu", 50, 100, 4, 2, False)
+
+
 def test_log_points_read_the_simple_and_json_formats(tmp_path):
     log = tmp_path / "train.log"
     log.write_text(
