@@ -12,6 +12,7 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import metrics
 
 from fairseq_agg.core import TokenCounter
+from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.isotropy import isotropy
 from fairseq_agg.optim.coupled_adam import mark_embedding_parameters
 
@@ -159,18 +160,23 @@ class AggTaskMixin:
                 "weights (--fp16, --bf16); train the study in fp32 or with --memory-efficient-fp16 "
                 "or --memory-efficient-bf16"
             )
-        while hasattr(model, "module"):  # fairseq's data-parallel wrappers
-            model = model.module
-        decoder = model.decoder
+        decoder = _unwrap(model).decoder
         weights = (decoder.embed_tokens.weight, decoder.output_projection.weight)
         return list({id(w): w for w in weights}.values())
 
 
-def _output_embedding(model) -> Optional[torch.Tensor]:
+def _unwrap(model):
     while hasattr(model, "module"):  # fairseq's data-parallel wrappers
         model = model.module
-    projection = getattr(getattr(model, "decoder", None), "output_projection", None)
-    return projection.weight if isinstance(projection, torch.nn.Linear) else None
+    return model
+
+
+def _output_embedding(model) -> Optional[torch.Tensor]:
+    """W of logits = h W^T, or None for output layers without one (adaptive softmax)."""
+    try:
+        return output_projection_weight(_unwrap(model))
+    except ValueError:
+        return None
 
 
 def _starts_update(model) -> bool:
