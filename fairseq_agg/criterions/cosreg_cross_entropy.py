@@ -30,6 +30,7 @@ from omegaconf import II
 
 from fairseq_agg import core
 from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
+from fairseq_agg.criterions.unlikelihood import log_unlikelihood_metric
 from fairseq_agg.remedies import mean_pairwise_cosine
 
 
@@ -131,9 +132,8 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
         if n_logs > 0:
             cosine = sum(log.get("cosreg", 0) for log in logging_outputs)
             metrics.log_scalar("cosreg", cosine / n_logs, n_logs, round=4)
-        if any("ul_loss" in log for log in logging_outputs) and ntokens > 0:
-            # Natural-log units per token, as unlikelihood_cross_entropy logs it.
-            metrics.log_scalar("ul_loss", sum(log.get("ul_loss", 0) for log in logging_outputs) / ntokens, ntokens, round=4)
+        if any("ul_loss" in log for log in logging_outputs):
+            log_unlikelihood_metric(logging_outputs)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

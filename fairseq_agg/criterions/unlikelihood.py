@@ -25,13 +25,18 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"--unlikelihood-alpha must be >= 0, got {alpha}")
 
 
-def _reduce_metrics(logging_outputs) -> None:
-    AggCriterionBase.reduce_agg_metrics(logging_outputs)
+def log_unlikelihood_metric(logging_outputs) -> None:
+    """``ul_loss``: the summed unlikelihood term per target token, in natural-log units as in
+    Welleck et al."""
     ul_sum = sum(log.get("ul_loss", 0) for log in logging_outputs)
     ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
     if ntokens > 0:
-        # Natural-log units per token, as in Welleck et al.
         metrics.log_scalar("ul_loss", ul_sum / ntokens, ntokens, round=4)
+
+
+def _reduce_metrics(logging_outputs) -> None:
+    AggCriterionBase.reduce_agg_metrics(logging_outputs)
+    log_unlikelihood_metric(logging_outputs)
 
 
 @dataclass

@@ -66,7 +66,8 @@ class AggTaskMixin:
         self.agg_counter = TokenCounter(len(dictionary), dictionary.nspecial)
         self._agg_window_from_option = False
         self._agg_frozen_rows = None
-        self._isotropy_due = not getattr(self.agg_options, "no_valid_isotropy", False)
+        self._valid_isotropy = not getattr(self.agg_options, "no_valid_isotropy", False)
+        self._isotropy_due = self._valid_isotropy
         if getattr(self.agg_options, "amp", False):
             raise ValueError(
                 "the AGG tasks do not support --amp: it retries overflowing batches after the "
@@ -130,7 +131,7 @@ class AggTaskMixin:
             # Restored, not only gradient-free: weight decay would still move them.
             weight.data[self._agg_frozen_rows.to(weight.device)] = saved
         self.agg_counter.commit(all_reduce=_data_parallel_sum)
-        self._isotropy_due = not getattr(self.agg_options, "no_valid_isotropy", False)
+        self._isotropy_due = self._valid_isotropy
 
     # -- validation -------------------------------------------------------------------
     def valid_step(self, sample, model, criterion):
