@@ -2,7 +2,10 @@
 # downloads, and the output discipline: everything is written into OUT.partial.PID next to the
 # destination, which gets a COMPLETE marker and is moved to OUT only when every step succeeded.
 # So OUT either does not exist or is complete, whatever interrupts a run; a partial directory
-# left by a killed run is removed by the next run.
+# left by a killed run is removed by the next run. With --force, the previous OUT is renamed to
+# OUT.old.PID just before the new one takes its place: a run stopped between the two renames
+# moves it back on its way out, and one killed there (SIGKILL, power loss) leaves it to the next
+# run, which moves it back to OUT first thing, so a complete output is never lost.
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -101,8 +104,10 @@ download() {
     log "downloaded $(du -h "$dest" | cut -f1) to $dest"
 }
 
-# exit_if_complete DIR: exits 0 when DIR is already complete, unless FORCE=1.
+# exit_if_complete DIR: exits 0 when DIR is already complete, unless FORCE=1. First moves back
+# to DIR an output that an interrupted --force run had moved aside (restore_moved_aside).
 exit_if_complete() {
+    restore_moved_aside "${1%/}"
     local marker=${1%/}/$COMPLETE_MARKER
     if [[ -f $marker && ${FORCE:-0} != 1 ]]; then
         log "${1%/} is already complete; nothing to do (--force redoes it). $marker says:"
@@ -121,7 +126,19 @@ begin_output() {
             "remove it, or pass --force to replace it"
     fi
     mkdir -p "$(dirname "$OUT")"
-    remove_stale "$OUT".partial.* "$OUT".old.*
+    remove_stale "$OUT".partial.*
+    # (exit_if_complete has moved back an output that an interrupted run had moved aside.)
+    # An older output moved aside is deleted only when OUT holds a complete one.
+    if [[ -f $OUT/$COMPLETE_MARKER ]]; then
+        remove_stale "$OUT".old.*
+    else
+        local kept
+        for kept in "$OUT".old.*; do
+            if [[ -e $kept ]]; then
+                log "keeping $kept (an earlier output moved aside by an interrupted run), as $OUT is not complete"
+            fi
+        done
+    fi
     PARTIAL="$OUT.partial.$$"
     rm -rf "$PARTIAL"
     mkdir "$PARTIAL"
@@ -144,8 +161,36 @@ remove_stale() {
     done
 }
 
+# restore_moved_aside DIR: when DIR does not exist but DIR.old.PID does, PID gone, DIR was
+# moved aside by a --force run killed before its new output took DIR's place (finish_output):
+# moves it back (the newest complete one, if there are several). A no-op otherwise.
+restore_moved_aside() {
+    local dir=$1 candidate pid best=
+    [[ -e $dir ]] && return 0
+    for candidate in "$dir".old.*; do
+        [[ -d $candidate ]] || continue
+        pid=${candidate##*.}
+        [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null || continue
+        if [[ -z $best ]] ||
+            { [[ -f $candidate/$COMPLETE_MARKER ]] &&
+                { [[ ! -f $best/$COMPLETE_MARKER ]] || [[ $candidate/$COMPLETE_MARKER -nt $best/$COMPLETE_MARKER ]]; }; }; then
+            best=$candidate
+        fi
+    done
+    [[ -n $best ]] || return 0
+    mv "$best" "$dir" ||
+        die "could not move $best back to $dir" "it holds the output an interrupted run had moved aside; move it back yourself"
+    if [[ -f $dir/$COMPLETE_MARKER ]]; then
+        log "restored $dir from $best: the complete output that an interrupted --force run had moved aside"
+    else
+        log "restored $dir from $best: what an interrupted --force run had moved aside (it has no $COMPLETE_MARKER marker)"
+    fi
+}
+
 # Scratch paths outside PARTIAL, removed when the run exits.
 SCRATCH_PATHS=()
+# OUT.old.PID while finish_output swaps the new output in.
+MOVED_ASIDE=
 
 _end_output() {
     local rc=$?
@@ -155,6 +200,15 @@ _end_output() {
     if [[ -n ${PARTIAL:-} && -d $PARTIAL ]]; then
         rm -rf "$PARTIAL"
         log "stopped (exit code $rc); removed $PARTIAL, nothing was written to $OUT"
+    fi
+    if [[ -n $MOVED_ASIDE && -e $MOVED_ASIDE ]]; then
+        if [[ -e $OUT ]]; then # the new output took OUT's place: the old one is no longer needed
+            rm -rf "$MOVED_ASIDE"
+        elif mv "$MOVED_ASIDE" "$OUT"; then
+            log "stopped while replacing $OUT; its previous output is back in place"
+        else
+            log "stopped while replacing $OUT; its previous output is in $MOVED_ASIDE, which the next run moves back to $OUT (or move it back yourself)"
+        fi
     fi
 }
 
@@ -166,11 +220,19 @@ finish_output() {
         printf '%s\n' "$@"
     } >"$PARTIAL/$COMPLETE_MARKER"
     if [[ -e $OUT ]]; then
-        mv "$OUT" "$OUT.old.$$"
+        # OUT is away only between these two renames; a run stopped there puts it back
+        # (_end_output), and the next run after one killed there does (restore_moved_aside).
+        MOVED_ASIDE="$OUT.old.$$"
+        local n=0
+        while [[ -e $MOVED_ASIDE ]]; do MOVED_ASIDE="$OUT.old.$((++n)).$$"; done # a kept one, same PID
+        mv "$OUT" "$MOVED_ASIDE"
     fi
     mv "$PARTIAL" "$OUT"
     PARTIAL=
-    rm -rf "$OUT.old.$$"
+    if [[ -n $MOVED_ASIDE ]]; then
+        rm -rf "$MOVED_ASIDE"
+        MOVED_ASIDE=
+    fi
     log "done: $OUT"
 }
 

@@ -437,3 +437,154 @@ def test_failed_downloads_name_the_url_and_leave_nothing(tmp_path):
                        check=False)
     assert local.returncode == 1 and "no such file or directory" in local.stdout
     assert_nothing_complete(tmp_path, tmp_path / "lm")
+
+
+# -- replacing a complete output with --force ----------------------------------------------------
+# A stand-in for a preparation script: prepare-lib.sh's output discipline around one file, so that
+# a run takes milliseconds.
+FAKE_PREPARE = """\
+set -euo pipefail
+PROG=fake-prepare.sh
+source "$PREPARE_LIB"
+FORCE=0
+if [[ ${1:-} == --force ]]; then FORCE=1; fi
+exit_if_complete "$OUT_DIR"
+begin_output "$OUT_DIR"
+echo new >"$PARTIAL/data.txt"
+finish_output "fake output"
+"""
+
+# mv, passing through to the real one, that sends MV_SHIM_SIGNAL to the script calling it once it
+# has moved a path P to P.old.* (finish_output moving the previous output aside): the run is
+# stopped between that rename and the one that moves the new output in.
+MV_SHIM = """\
+#!/bin/sh
+"{real_mv}" "$@" || exit $?
+if [ $# -eq 2 ]; then
+    case $2 in
+        "$1".old.*) kill -s "$MV_SHIM_SIGNAL" "$PPID" ;;
+    esac
+fi
+"""
+
+
+def _mv_shim_env(tmp_path, signal_name, env):
+    shim_dir = tmp_path / "shim"
+    if not shim_dir.exists():
+        shim_dir.mkdir()
+        (shim_dir / "mv").write_text(MV_SHIM.format(real_mv=shutil.which("mv")))
+        (shim_dir / "mv").chmod(0o755)
+    return dict(env, PATH=f"{shim_dir}{os.pathsep}{env['PATH']}", MV_SHIM_SIGNAL=signal_name)
+
+
+def _fake_prepare(tmp_path, *args, signal_name=None):
+    driver = tmp_path / "fake-prepare.sh"
+    if not driver.exists():
+        driver.write_text(FAKE_PREPARE)
+    env = script_env(PREPARE_LIB=str(SCRIPTS / "prepare-lib.sh"), OUT_DIR=str(tmp_path / "out"))
+    if signal_name:
+        env = _mv_shim_env(tmp_path, signal_name, env)
+    return subprocess.run([BASH, str(driver), *args], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+
+
+def _complete_output(out, text="old"):
+    out.mkdir()
+    (out / "data.txt").write_text(f"{text}\n")
+    (out / "COMPLETE").write_text(f"prepared by an earlier run ({text})\n")
+
+
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_force_stopped_between_the_renames_keeps_the_old_output(tmp_path, signal_name):
+    out = tmp_path / "out"
+    _complete_output(out)
+
+    stopped = _fake_prepare(tmp_path, "--force", signal_name=signal_name)
+    expected_rc = -signal.SIGKILL if signal_name == "KILL" else 128 + signal.SIGTERM  # the trap's exit 143
+    assert stopped.returncode == expected_rc, stopped.stdout
+    if signal_name == "KILL":  # no trap runs: the old output waits, moved aside, for the next run
+        assert not out.exists()
+        (moved,) = tmp_path.glob("out.old.*")
+        assert (moved / "data.txt").read_text() == "old\n" and (moved / "COMPLETE").is_file()
+    else:  # the trap moves it back, and says so
+        assert "nothing was written to" in stopped.stdout and "previous output is back in place" in stopped.stdout
+        assert (out / "data.txt").read_text() == "old\n" and (out / "COMPLETE").is_file()
+        assert not list(tmp_path.glob("out.old.*")) and not list(tmp_path.glob("out.partial.*"))
+
+    # the next run finds the old output complete (restoring it first if needed), and deletes nothing
+    again = _fake_prepare(tmp_path)
+    assert again.returncode == 0, again.stdout
+    assert "already complete" in again.stdout
+    assert ("restored" in again.stdout) == (signal_name == "KILL")
+    assert (out / "data.txt").read_text() == "old\n" and (out / "COMPLETE").is_file()
+    assert not list(tmp_path.glob("out.old.*"))
+
+    # and --force, uninterrupted, replaces it, leaving nothing aside
+    forced = _fake_prepare(tmp_path, "--force")
+    assert forced.returncode == 0, forced.stdout
+    assert (out / "data.txt").read_text() == "new\n" and "fake output" in (out / "COMPLETE").read_text()
+    assert not list(tmp_path.glob("out.old.*")) and not list(tmp_path.glob("out.partial.*"))
+
+
+def _dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_force_after_a_killed_swap_restores_then_replaces(tmp_path):
+    out = tmp_path / "out"
+    # what a --force run killed between its renames leaves: the old output aside, the new complete
+    moved = tmp_path / f"out.old.{_dead_pid()}"
+    _complete_output(moved)
+    partial = tmp_path / f"out.partial.{_dead_pid()}"
+    _complete_output(partial, "new, unfinished swap")
+
+    forced = _fake_prepare(tmp_path, "--force")
+    assert forced.returncode == 0, forced.stdout
+    assert f"restored {out} from {moved}" in forced.stdout
+    assert (out / "data.txt").read_text() == "new\n"
+    assert not moved.exists() and not partial.exists()
+
+    # a stale output moved aside is deleted only once OUT is complete
+    _complete_output(moved)
+    shutil.rmtree(out)
+    out.mkdir()  # not made by the script: --force replaces it, but the one aside is kept meanwhile
+    forced = _fake_prepare(tmp_path, "--force")
+    assert forced.returncode == 0, forced.stdout
+    assert f"keeping {moved}" in forced.stdout and (moved / "COMPLETE").is_file()
+    assert (out / "data.txt").read_text() == "new\n"
+    forced = _fake_prepare(tmp_path, "--force")
+    assert forced.returncode == 0 and not moved.exists(), forced.stdout
+
+
+@pytest.mark.parametrize("script", ["prepare-wikitext103.sh", "prepare-wmt14-en-de.sh"])
+def test_scripts_restore_an_output_moved_aside_first(tmp_path, script):
+    """Each script, started after a --force run was killed between its renames, moves the old
+    output back before anything else (here: finds it complete and stops)."""
+    out = tmp_path / "out"
+    moved = tmp_path / f"out.old.{_dead_pid()}"
+    _complete_output(moved)
+    proc = run_script(script, "--out", out, "--raw-dir", tmp_path / "raw")
+    assert "restored" in proc.stdout and "already complete" in proc.stdout
+    assert (out / "data.txt").read_text() == "old\n" and not moved.exists()
+
+
+def test_wikitext_force_killed_between_the_renames(wikitext_dir, tmp_path):
+    """The real script, killed by the mv shim right after moving the old output aside: the next
+    run puts the old output back in place, complete, and deletes nothing."""
+    out = tmp_path / "out"
+    _complete_output(out)
+    args = ["--source", wikitext_dir, "--out", out, "--raw-dir", tmp_path / "raw", "--workers", 1]
+    killed = run_script("prepare-wikitext103.sh", *args, "--force", env=_mv_shim_env(tmp_path, "KILL", script_env()),
+                        check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    assert "fairseq-preprocess" in killed.stdout and "done:" not in killed.stdout
+    assert not out.exists()
+    (moved,) = tmp_path.glob("out.old.*")
+    assert (moved / "data.txt").read_text() == "old\n"
+
+    again = run_script("prepare-wikitext103.sh", *args)
+    assert f"restored {out} from {moved}" in again.stdout and "already complete" in again.stdout
+    assert (out / "data.txt").read_text() == "old\n" and (out / "COMPLETE").is_file()
+    assert not list(tmp_path.glob("out.old.*"))
