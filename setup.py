@@ -2,11 +2,12 @@ from setuptools import find_packages, setup
 
 setup(
     name="fairseq-agg",
-    version="0.1.0",
+    version="0.2.0",
     description="Adaptive Gradient Gating (Yu et al., ACL 2022) as a fairseq plug-in",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_agg", "fairseq_agg.*"]),
+    package_data={"fairseq_agg": ["config/*/*.yaml"]},
     python_requires=">=3.8",
     install_requires=[
         # fairseq 0.12.2 does not build on Python 3.11; the fairseq-fixed distribution

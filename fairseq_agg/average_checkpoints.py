@@ -7,9 +7,10 @@
 
 Floating-point entries of the model state are averaged (accumulated in float64; float16 and
 bfloat16 entries come out as float32, as in fairseq's script). Every other entry -- integer
-buffers, and the AGG token counter ``agg_counter._extra_state``, a dict that fairseq's script
-cannot add up -- is taken from the newest checkpoint, and so is the rest of the checkpoint
-(configuration, optimizer history), so the result loads wherever the newest checkpoint does.
+buffers, and in checkpoints of fairseq-agg 0.1 the AGG token counter ``agg_counter._extra_state``,
+a dict that fairseq's script cannot add up -- is taken from the newest checkpoint, and so is the
+rest of the checkpoint (configuration, optimizer history, the counter in ``extra_state``), so the
+result loads wherever the newest checkpoint does.
 """
 
 import argparse

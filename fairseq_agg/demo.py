@@ -333,7 +333,9 @@ def output_embedding(state: Dict) -> torch.Tensor:
 def rare_group_size(state: Dict, alpha: float) -> Optional[int]:
     from fairseq_agg.core import TokenCounter, compute_gates
 
-    counter_state = state["model"].get("agg_counter._extra_state")
+    from fairseq_agg.fairseq_fixes import saved_counter_state
+
+    counter_state = saved_counter_state(state)
     if counter_state is None:
         return None
     counter = TokenCounter(int(counter_state["vocab_size"]), int(counter_state["nspecial"]))

@@ -204,11 +204,7 @@ def score_lm(model, task, itr, device, max_hidden: int, show_progress: bool) -> 
     return out
 
 
-@torch.no_grad()
-def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_len: int, gen_len: int,
-                         num_texts: int, batch_size: int, show_progress: bool) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
-    """Greedy continuations of ``gen_len`` tokens after ``prefix_len``-token prefixes taken at
-    evenly spaced, non-overlapping places of the split; also the human continuations."""
+def _check_generation_span(model, prefix_len: int, gen_len: int) -> None:
     from fairseq.modules import LearnedPositionalEmbedding
 
     span = prefix_len + gen_len
@@ -218,6 +214,15 @@ def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_l
         raise EvalError(f"--prefix-len {prefix_len} + --gen-len {gen_len} = {span} tokens exceed the model's "
                         f"{positions.max_positions} learned positions; shorten them (or --num-texts 0 to skip "
                         "generation)")
+
+
+@torch.no_grad()
+def greedy_continuations(model, stream: np.ndarray, dictionary, device, prefix_len: int, gen_len: int,
+                         num_texts: int, batch_size: int, show_progress: bool) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
+    """Greedy continuations of ``gen_len`` tokens after ``prefix_len``-token prefixes taken at
+    evenly spaced, non-overlapping places of the split; also the human continuations."""
+    span = prefix_len + gen_len
+    _check_generation_span(model, prefix_len, gen_len)
     available = len(stream) // span
     if available == 0:
         raise EvalError(f"the split has {len(stream)} tokens, fewer than one prefix + continuation ({span})")
@@ -295,8 +300,8 @@ def _wordsim_files(args) -> Dict[str, Path]:
     if args.wordsim:
         for item in args.wordsim:
             name, sep, path = item.partition("=")
-            if not sep:
-                raise EvalError(f"--wordsim {item!r}: expected NAME=FILE")
+            if not sep or not name or not path:
+                raise EvalError(f"--wordsim {item!r}: expected NAME=FILE (e.g. MEN=data/wordsim/EN-MEN-TR-3k.txt)")
             chosen[name] = Path(path)
     else:
         for name in WORDSIM_NAMES:
@@ -305,9 +310,43 @@ def _wordsim_files(args) -> Dict[str, Path]:
             chosen[name] = full if full.is_file() else excerpt
     for name, path in chosen.items():
         if not path.is_file():
-            raise EvalError(f"word-similarity file for {name} not found: {path} "
-                            "(scripts/download-wordsim.sh fetches the four datasets)")
+            what = "is a folder, not a file" if path.is_dir() else "not found"
+            raise EvalError(f"word-similarity file for {name} {what}: {path} (check --wordsim; "
+                            "scripts/download-wordsim.sh fetches the four datasets)")
     return chosen
+
+
+def read_word_similarity(name: str, path: Path) -> List[Tuple[str, str, float]]:
+    """The pairs of a word-similarity file, or one clear error: unreadable, binary, not UTF-8
+    (file, line and byte named), not 'word1 word2 score' lines, or a score that is not a finite
+    number (NaN or infinite scores would make Spearman's rho NaN)."""
+    what = f"word-similarity file {path} ({name})"
+    text = read_text(path, what, "convert it to UTF-8 text of 'word1 word2 score' lines")
+    for number, line in enumerate(text.splitlines(), 1):
+        # the fields as metrics.load_word_similarity splits them
+        fields = [f for f in re.split(r"[\t ,]+", line.strip()) if f]
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) == 4 and re.fullmatch(r"\d+", fields[0]):
+            fields = fields[1:]
+        if len(fields) != 3:
+            continue
+        try:
+            score = float(fields[2])
+        except ValueError:
+            continue
+        if not math.isfinite(score):
+            raise EvalError(f"{what}, line {number}: the score {fields[2]!r} is not a finite number; "
+                            "fix or remove that pair")
+    try:
+        return metrics.load_word_similarity(path)
+    except ValueError as err:
+        raise EvalError(f"word-similarity file for {name}: {_one_line(err)}; fix the file or give another") from None
+
+
+def load_wordsim(args) -> "OrderedDict[str, Tuple[Path, List[Tuple[str, str, float]]]]":
+    """name -> (file, pairs) of the word-similarity data sets, each file checked."""
+    return OrderedDict((name, (path, read_word_similarity(name, path))) for name, path in _wordsim_files(args).items())
 
 
 def _token_label(dictionary, token: int, group_of: np.ndarray) -> str:
@@ -380,6 +419,13 @@ def evaluate_lm(args) -> Dict:
     group_of = metrics.group_of_tokens(groups, vocab)
     weight = output_embedding(model)
     show = not args.no_progress_bar
+    # everything that can fail on the command line's inputs, before the long scoring pass
+    wordsim_files = getattr(args, "wordsim_loaded", None) or load_wordsim(args)
+    wordsim = OrderedDict((name, pairs) for name, (_, pairs) in wordsim_files.items())
+    representer = _representer(args, dictionary)
+    queries = choose_queries(args, dictionary, groups)
+    if args.num_texts > 0:
+        _check_generation_span(model, args.prefix_len, args.gen_len)
 
     print(f"[eval] scoring '{args.subset}' (tokens per sample {scoring['tokens_per_sample']}, "
           f"context window {scoring['context_window']})", file=sys.stderr, flush=True)
@@ -400,10 +446,8 @@ def evaluate_lm(args) -> Dict:
     spectrum = metrics.singular_spectrum(weight[dictionary.nspecial:])
     result["singular_values"] = spectrum["normalized"]
 
-    representer = _representer(args, dictionary)
-    wordsim = OrderedDict((name, metrics.load_word_similarity(path)) for name, path in _wordsim_files(args).items())
     result["word_similarity"] = OrderedDict()
-    for (name, pairs), path in zip(wordsim.items(), _wordsim_files(args).values()):
+    for name, (path, pairs) in wordsim_files.items():
         entry = metrics.word_similarity(pairs, weight, representer)
         entry["file"] = str(path)
         result["word_similarity"][name] = entry
@@ -414,7 +458,6 @@ def evaluate_lm(args) -> Dict:
     result["post_hoc"] = embedding_metrics_after_post_hoc(args, weight, groups, counts, dictionary.nspecial,
                                                           representer, wordsim)
 
-    queries = choose_queries(args, dictionary, groups)
     result["neighbours"] = neighbours_table(weight, dictionary, queries, group_of, args.k,
                                             candidates=np.arange(dictionary.nspecial, vocab))
 
@@ -723,17 +766,16 @@ def alpha_sweep(runs: Mapping[str, Dict]) -> List[Dict]:
 
 
 def compare(args) -> str:
+    _check_modules(REQUIRED_MODULES["compare"], "fairseq-agg-eval compare")
     from fairseq_agg import figures
-    from fairseq_agg.report import compare_report
+    from fairseq_agg.report import compare_report, resolve_tables
 
     runs = OrderedDict()
     for path in args.results:
         path = Path(path)
+        result = _read_results(path)
         if path.is_dir():
             path = path / "results.json"
-        if not path.is_file():
-            raise EvalError(f"{path} does not exist (give results.json files or the folders holding them)")
-        result = json.loads(path.read_text(encoding="utf-8"))
         name = result.get("name") or path.parent.name
         if name in runs:
             name = f"{name} ({path.parent})"
@@ -745,6 +787,12 @@ def compare(args) -> str:
     kinds = {r.get("kind") for r in runs.values()}
     if len(kinds) != 1:
         raise EvalError(f"cannot compare runs of different kinds: {sorted(map(str, kinds))}")
+    resolve_tables(args.tables, kinds.pop())
+    for name, result in runs.items():
+        if "singular_values" not in result:
+            raise EvalError(f"run {name!r}: its results.json lacks 'singular_values' (written by another version of "
+                            "fairseq-agg-eval?); evaluate the checkpoint again")
+    check_output_folder(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = {"singular_values": figures.singular_values(args.out / "singular_values.png",
                                                         {n: r["singular_values"] for n, r in runs.items()})}
@@ -763,6 +811,250 @@ def compare(args) -> str:
     (args.out / "compare.json").write_text(json.dumps({"runs": list(runs), "tables": args.tables}, indent=2) + "\n")
     print(text)
     return text
+
+
+# -- input checks --------------------------------------------------------------------------------
+# Everything the command line names is checked before a model is loaded or a split scored, so
+# that a typo costs seconds rather than a run. Each problem is one line (EvalError: no
+# traceback, exit status 1) that names the input and what to do about it.
+
+KIND_WORDS = {"lm": "language-model", "mt": "translation"}
+REQUIRED_MODULES = {"lm": ("matplotlib", "scipy"), "mt": ("matplotlib", "sacrebleu", "sacremoses"),
+                    "compare": ("matplotlib",)}
+BPE_MODULES = {"gpt2": "regex", "sentencepiece": "sentencepiece", "subword_nmt": "subword_nmt"}
+PIP_NAMES = {"subword_nmt": "subword-nmt"}
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_readable_file(path: Path, what: str, fix: str) -> None:
+    if not path.exists():
+        raise EvalError(f"{what} {path} does not exist; {fix}")
+    if path.is_dir():
+        raise EvalError(f"{what} {path} is a folder, not a file; {fix}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise EvalError(f"cannot read {what} {path} ({err.strerror}); fix its permissions") from None
+
+
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A UTF-8 text file (a UTF-8 byte-order mark is allowed), or one clear error naming the
+    file, and for text in another encoding the line and byte where decoding fails."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EvalError(f"cannot read {what} ({err.strerror})") from None
+    if data.startswith(b"\x1f\x8b"):
+        raise EvalError(f"{what} is gzip-compressed; gunzip it first")
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    if b"\x00" in data:
+        offset = data.index(b"\x00")
+        line = data[:offset].count(b"\n") + 1
+        raise EvalError(f"{what} is a binary file (NUL byte at line {line}, byte offset {offset}), not text; {fix}")
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = data[:offset].count(b"\n") + 1
+        raise EvalError(f"{what} is not UTF-8: byte 0x{data[offset]:02x} at line {line} (byte offset {offset}) "
+                        f"does not decode; {fix} (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def check_output_folder(out: Path, option: str = "--out") -> None:
+    """``out`` is a writable folder, or one that can be created (nothing is created here)."""
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise EvalError(f"{option} {out} is not writable; fix its permissions or choose another folder")
+        return
+    if out.exists() or out.is_symlink():
+        kind = "an existing file" if out.exists() else "a broken symbolic link"
+        raise EvalError(f"{option} {out} is {kind}, not a folder; choose a folder (it is created if missing)")
+    ancestor = out.parent
+    while not ancestor.is_dir():  # Path("x").parent is Path("."), and the root is its own parent
+        if ancestor.exists() or ancestor.is_symlink():
+            raise EvalError(f"{option} {out} cannot be created: {ancestor} is a file, not a folder; "
+                            f"choose another {option}")
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EvalError(f"{option} {out} cannot be created: {ancestor} is not writable; "
+                        f"choose another {option} or fix its permissions")
+
+
+def peek_checkpoint(path: Path) -> Dict:
+    """A checkpoint's task name and task settings, read without loading it into memory (its
+    tensors are memory-mapped, not read), after checking the file: {"task": name or None,
+    "task_cfg": mapping}."""
+    if not path.exists():
+        raise EvalError(f"checkpoint {path} does not exist; give the .pt file fairseq-train saved "
+                        "(e.g. SAVE_DIR/checkpoint_best.pt)")
+    if path.is_dir():
+        raise EvalError(f"--path {path} is a folder; give a checkpoint file in it (e.g. {path / 'checkpoint_best.pt'})")
+    _check_readable_file(path, "checkpoint", "give the .pt file fairseq-train saved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=False)  # torch's legacy format
+        except Exception as err:  # noqa: BLE001 - torch and pickle raise many kinds here
+            raise EvalError(f"cannot read checkpoint {path} ({type(err).__name__}: {_one_line(err)[:200]}): not a "
+                            "PyTorch checkpoint, or a truncated copy; give the .pt file fairseq-train saved") from None
+    if not isinstance(state, Mapping) or "model" not in state:
+        raise EvalError(f"{path} is not a fairseq checkpoint (no model state); give the .pt file fairseq-train saved")
+    cfg, legacy = state.get("cfg"), state.get("args")
+    if cfg is not None and cfg.get("task") is not None:
+        task_cfg = cfg["task"]
+        return {"task": task_cfg.get("_name"), "task_cfg": task_cfg}
+    if legacy is not None:  # fairseq < 0.10: an argparse namespace
+        return {"task": getattr(legacy, "task", None), "task_cfg": vars(legacy)}
+    raise EvalError(f"{path} holds no fairseq configuration (not a fairseq >= 0.10 checkpoint)")
+
+
+def checkpoint_kind(task: Optional[str]) -> Optional[str]:
+    """"lm" or "mt" from a fairseq task name (None for other tasks)."""
+    if task and task.startswith("language_modeling"):
+        return "lm"
+    if task and task.startswith("translation"):
+        return "mt"
+    return None
+
+
+def _split_exists(prefix: Path) -> bool:
+    binarized = Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file()
+    return binarized or prefix.is_file()  # or fairseq's raw-text format
+
+
+def _dictionary_words(path: Path) -> set:
+    """The entries of a fairseq dict.txt as fairseq's Dictionary reads them, plus its specials."""
+    words = {"<s>", "<pad>", "</s>"}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        word, _, flag = line.rstrip().rpartition(" ")
+        if flag == "#fairseq:overwrite":
+            word = word.rpartition(" ")[0]
+        words.add(word)
+    return words
+
+
+def _check_modules(names: Sequence[str], why: str) -> None:
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise EvalError(f"the Python package {name} is missing ({why}); pip install {PIP_NAMES.get(name, name)}")
+
+
+def _check_data(args, task_cfg: Mapping) -> Optional[Path]:
+    """The data folder holds the dictionaries and the split the subcommand reads; returns the
+    dictionary that --neighbours' tokens come from (None when the languages are not known)."""
+    data = args.data
+    preprocess = "give the folder fairseq-preprocess wrote (its --destdir) for the checkpoint's data"
+    if not data.is_dir():
+        raise EvalError(f"data folder {data} does not exist; {preprocess}")
+    if args.command == "lm":
+        dicts, splits = [data / "dict.txt"], [data / args.subset]
+    else:
+        src, tgt = task_cfg.get("source_lang"), task_cfg.get("target_lang")
+        if not src or not tgt:
+            return None  # fairseq infers the languages from the folder's file names
+        dicts = [data / f"dict.{src}.txt", data / f"dict.{tgt}.txt"]
+        splits = [] if args.generate_output else [data / f"{args.subset}.{src}-{tgt}.{src}",
+                                                   data / f"{args.subset}.{tgt}-{src}.{src}"]
+    for path in dicts:
+        if not path.is_file():
+            raise EvalError(f"data folder {data} has no {path.name}; {preprocess}")
+    if splits and not any(_split_exists(prefix) for prefix in splits):
+        raise EvalError(f"data folder {data} has no '{args.subset}' split ({splits[0].name}.bin and .idx); "
+                        "choose another --subset or binarize that split with fairseq-preprocess")
+    return dicts[0]
+
+
+def _check_bpe(args) -> None:
+    resolve_bpe(args)
+    needed = {"gpt2": (("--gpt2-encoder-json", args.gpt2_encoder_json), ("--gpt2-vocab-bpe", args.gpt2_vocab_bpe)),
+              "sentencepiece": (("--sentencepiece-model", args.sentencepiece_model),),
+              "subword_nmt": (("--bpe-codes", args.bpe_codes),)}.get(args.bpe, ())
+    for option, value in needed:
+        if value is None:
+            raise EvalError(f"--bpe {args.bpe} needs {option} FILE")
+        _check_readable_file(Path(value), option, "give the file, or --bpe none for a word-level dictionary")
+    if args.bpe in BPE_MODULES:
+        _check_modules([BPE_MODULES[args.bpe]], f"--bpe {args.bpe}")
+
+
+def check_inputs(args) -> None:
+    """Every input of ``lm`` and ``mt``, in the order of their cost: options, files named on
+    the command line, the output folder, the checkpoint's kind, the data folder. Word-similarity
+    files are read and kept (``args.wordsim_loaded``)."""
+    if args.abtt_directions is not None and args.abtt_directions <= 0:
+        raise EvalError("--abtt-directions must be positive")
+    for option in ("max_tokens", "k"):
+        if getattr(args, option) <= 0:
+            raise EvalError(f"--{option.replace('_', '-')} must be positive")
+    if args.command == "lm":
+        if args.prefix_len <= 0 or args.gen_len <= 0 or args.num_texts < 0 or args.batch_size <= 0:
+            raise EvalError("--prefix-len, --gen-len and --batch-size must be positive, --num-texts non-negative")
+        if args.tokens_per_sample is not None and args.tokens_per_sample <= 0:
+            raise EvalError("--tokens-per-sample must be positive")
+        if args.context_window is not None and args.context_window < 0:
+            raise EvalError("--context-window must not be negative")
+        if args.max_hidden_states <= 0:
+            raise EvalError("--max-hidden-states must be positive")
+    _check_modules(REQUIRED_MODULES[args.command], f"fairseq-agg-eval {args.command}")
+    if not args.data.is_dir():
+        raise EvalError(f"data folder {args.data} does not exist; give the folder fairseq-preprocess wrote "
+                        "(its --destdir) for the checkpoint's data")
+    header = peek_checkpoint(args.path)
+    kind = checkpoint_kind(header["task"])
+    if kind is not None and kind != args.command:
+        raise EvalError(f"{args.path} is a {KIND_WORDS[kind]} checkpoint (task {header['task']}); "
+                        f"score it with `fairseq-agg-eval {kind}`")
+    check_output_folder(args.out)
+    if args.command == "lm":
+        if args.train_log is not None:
+            _check_readable_file(args.train_log, "--train-log", "give fairseq-train's log, or leave --train-log out")
+        _check_bpe(args)
+        args.wordsim_loaded = load_wordsim(args)
+    else:
+        if args.generate_output is not None:
+            _check_readable_file(args.generate_output, "--generate-output",
+                                 "give a file fairseq-generate wrote, or leave the option out to run it")
+            read_text(args.generate_output, f"--generate-output {args.generate_output}",
+                      "give a file fairseq-generate wrote")
+        if args.reference is not None:
+            _check_readable_file(args.reference, "--reference", "give the raw reference text of the split")
+            read_text(args.reference, f"--reference {args.reference}", "give the raw reference text of the split")
+    dictionary = _check_data(args, header["task_cfg"])
+    if args.neighbours and dictionary is not None:
+        words = _dictionary_words(dictionary)
+        for word in args.neighbours:
+            if word not in words:
+                raise EvalError(f"--neighbours: {word!r} is not in the dictionary {dictionary}; "
+                                "give tokens as they appear there")
+
+
+def _read_results(path: Path) -> Dict:
+    """One results.json of ``lm`` or ``mt`` (or the folder holding it), checked."""
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise EvalError(f"{path} does not exist (give results.json files or the folders holding them)")
+    text = read_text(path, str(path), "give the results.json that `fairseq-agg-eval lm|mt` wrote")
+    try:
+        result = json.loads(text)
+    except ValueError as err:
+        raise EvalError(f"{path} is not valid JSON ({_one_line(err)}); give the results.json that "
+                        "`fairseq-agg-eval lm|mt` wrote") from None
+    if not isinstance(result, dict) or result.get("kind") not in KIND_WORDS:
+        raise EvalError(f"{path} is not a results.json of fairseq-agg-eval lm or mt; give the results.json "
+                        "that `fairseq-agg-eval lm|mt` wrote")
+    return result
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -857,16 +1149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.name is None:
         args.name = args.path.resolve().parent.name
-    if args.abtt_directions is not None and args.abtt_directions <= 0:
-        raise EvalError("--abtt-directions must be positive")
-    for option in ("max_tokens", "k"):
-        if getattr(args, option) <= 0:
-            raise EvalError(f"--{option.replace('_', '-')} must be positive")
-    if not args.data.is_dir():
-        raise EvalError(f"data folder {args.data} does not exist")
+    check_inputs(args)  # all of them, before anything that takes time
     if args.command == "lm":
-        if args.prefix_len <= 0 or args.gen_len <= 0 or args.num_texts < 0 or args.batch_size <= 0:
-            raise EvalError("--prefix-len, --gen-len and --batch-size must be positive, --num-texts non-negative")
         result = evaluate_lm(args)
     else:
         result = evaluate_mt(args)

@@ -2,6 +2,9 @@
 
     python -m fairseq_agg.export checkpoint_best.pt checkpoint_best.plain.pt
 
+Stock fairseq tools (``fairseq-eval-lm``, ``fairseq-generate``) load the plug-in's checkpoints
+as they are; export one for code that rebuilds the task saved in it
+(``checkpoint_utils.load_model_ensemble_and_task`` without ``task=``) without the plug-in.
 Drops the AGG token counter and renames task and criterion to fairseq's own
 (``language_modeling``, ``translation``; ``cross_entropy`` or ``label_smoothed_cross_entropy``).
 The model weights are untouched. Use it to share a model, or before tools such as
@@ -13,7 +16,8 @@ import sys
 
 import torch
 
-COUNTER_KEY = "agg_counter._extra_state"
+from fairseq_agg.fairseq_fixes import CHECKPOINT_KEY, LEGACY_COUNTER_KEY, saved_counter_state
+
 STOCK_TASKS = {"language_modeling_agg": "language_modeling", "translation_agg": "translation"}
 # Config keys the plug-in's tasks add to the stock ones.
 PLUGIN_TASK_KEYS = {"language_modeling_agg": ("train_subset", "update_freq", "amp"), "translation_agg": ("update_freq", "amp")}
@@ -22,7 +26,8 @@ PLUGIN_TASK_KEYS = {"language_modeling_agg": ("train_subset", "update_freq", "am
 def export_state(state: dict) -> dict:
     from omegaconf import OmegaConf
 
-    state["model"].pop(COUNTER_KEY, None)
+    state["model"].pop(LEGACY_COUNTER_KEY, None)
+    (state.get("extra_state") or {}).pop(CHECKPOINT_KEY, None)
     cfg = state.get("cfg")
     if cfg is None:
         raise ValueError("this checkpoint has no 'cfg': it was not written by fairseq >= 0.10")
@@ -60,7 +65,7 @@ def main(argv=None):
     if args.checkpoint == args.output:
         parser.error("write the exported checkpoint to another file")
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if COUNTER_KEY not in state.get("model", {}):
+    if saved_counter_state(state) is None:
         print(f"note: {args.checkpoint} holds no AGG counter", file=sys.stderr)
     torch.save(export_state(state), args.output)
     print(f"wrote {args.output}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Step time and peak memory of the output layer + loss: fairseq's ``cross_entropy``, the
-paper's naive three-logit AGG, and fairseq-agg's AGG (one logits tensor, and chunked).
+paper's naive three-logit AGG, fairseq-agg's AGG (one logits tensor, and chunked) and torch's
+``F.linear_cross_entropy`` (reference path, and chunked with ``LinearCrossEntropyOptions``).
 
 Each measurement is one training step (forward and backward) of the same model on the same
 batch: a ``transformer_lm`` decoder whose size you choose, a vocabulary of V tokens and
@@ -32,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fairseq_agg import core  # noqa: E402
 
-METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked"]
+METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked", "torch_lce", "torch_lce_chunked"]
 
 
 def build_model(vocab, dim, layers, heads, device, dtype):
@@ -96,6 +97,17 @@ def agg_loss(model, sample, gates, pad, chunk_rows, bookkeeping):
         sample["target"], gates, ignore_index=pad, chunk_rows=chunk_rows,
     )
     return loss
+
+
+def torch_linear_cross_entropy_loss(model, sample, pad, chunked):
+    """torch's own fused output layer + cross-entropy: the reference path (``options=None``:
+    one logits tensor) or the chunked one that never holds the logits."""
+    features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    return F.linear_cross_entropy(
+        features.reshape(-1, features.size(-1)), model.decoder.output_projection.weight,
+        sample["target"].reshape(-1), reduction="sum", ignore_index=pad, options=options,
+    )
 
 
 def _proc_status_kb(field):
@@ -222,6 +234,8 @@ def run_config(args, vocab, tokens, device, dtype):
         "naive_3logit": lambda: naive_three_logit_loss(model, sample, gates, pad),
         "agg": lambda: agg_loss(model, sample, gates, pad, 0, bookkeeping),
         "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk, bookkeeping),
+        "torch_lce": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=False),
+        "torch_lce_chunked": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=True),
     }
     rare_rows = float(gates.rare[sample["target"]].float().mean())
     steps = {name: steps[name] for name in args.methods}

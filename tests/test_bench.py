@@ -7,7 +7,7 @@ import sys
 
 from conftest import REPO, subprocess_env
 
-METHODS = ("fairseq_ce", "naive_3logit", "agg", "agg_chunked")
+METHODS = ("fairseq_ce", "naive_3logit", "agg", "agg_chunked", "torch_lce", "torch_lce_chunked")
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):

@@ -600,16 +600,17 @@ def test_static_after_freezes_the_gates(lm_cfg):
     assert frozen.counter.num_updates == 5
 
 
-def test_counter_travels_in_the_model_state_dict(lm_cfg):
+def test_counter_travels_in_the_checkpoint_not_in_the_model(lm_cfg):
     run = Run(lm_cfg("--agg-window", "3"))
     for u in range(4):
         run.update(run.batches[u])
-    state = run.model.state_dict()
-    assert "agg_counter._extra_state" in state
-    state = _roundtrip(state)
+    # Stock fairseq tools load the model state strictly: it holds weights only.
+    assert not [key for key in run.model.state_dict() if "agg" in key]
+    saved = _roundtrip(run.task.agg_checkpoint_state(run.criterion))
+    assert saved["options"]["agg_window"] == 3 and saved["options"]["agg_alpha"] == run.criterion.cfg.agg_alpha
 
     resumed = Run(lm_cfg("--agg-window", "3"))
-    resumed.model.load_state_dict(state)
+    resumed.task.restore_agg_checkpoint_state(saved, resumed.criterion)
     assert resumed.counter.num_updates == 4
     assert torch.equal(resumed.counter.average(), run.counter.average())
     _assert_same_gates(resumed.criterion.current_gates(), run.criterion.current_gates())
@@ -619,23 +620,40 @@ def test_counter_travels_in_the_model_state_dict(lm_cfg):
         r.update(r.batches[4])
     assert torch.equal(resumed.counter.average(), run.counter.average())
 
-    # a plain fairseq state dict (no counter) loads and leaves an empty counter
-    plain = {k: v for k, v in state.items() if not k.startswith("agg_counter.")}
+    # a checkpoint without AGG state (plain fairseq) leaves an empty counter
     fresh = Run(lm_cfg("--agg-window", "3"))
-    fresh.model.load_state_dict(plain)
+    fresh.model.load_state_dict(run.model.state_dict())
+    fresh.task.restore_agg_checkpoint_state(None, fresh.criterion)
     assert fresh.counter.num_updates == 0 and fresh.counter.updates_in_window() == 0
 
 
-def test_model_copies_share_the_counter_and_ema_works(lm_cfg):
-    """fairseq's --store-ema deep-copies the model; the copy must not copy the task."""
+def test_counter_of_a_legacy_checkpoint_is_restored_on_resume_only(lm_cfg):
+    """fairseq-agg 0.1 kept the counter in the model state (``agg_counter._extra_state``)."""
+    run = Run(lm_cfg())
+    for u in range(3):
+        run.update(run.batches[u])
+    legacy = _roundtrip({**run.model.state_dict(), "agg_counter._extra_state": run.counter.state_dict()})
+    old = Run(lm_cfg())
+    old.model.load_state_dict(legacy)  # strict, as fairseq loads it
+    assert old.counter.num_updates == 0  # loading weights does not move the counter ...
+    old.task.restore_agg_checkpoint_state(None, old.criterion)  # ... resuming does
+    assert old.counter.num_updates == 3
+    assert torch.equal(old.counter.average(), run.counter.average())
+
+
+def test_model_copies_do_not_touch_the_counter_and_ema_works(lm_cfg):
+    """fairseq's --store-ema deep-copies the model and loads state dicts into the copy."""
     import copy
 
     run = Run(lm_cfg())
     run.update(run.batches[0])
-    twin = copy.deepcopy(run.model)
-    assert twin.agg_counter.get_extra_state()["num_updates"] == 1
+    earlier = _roundtrip({**run.model.state_dict(), "agg_counter._extra_state": run.counter.state_dict()})
     run.update(run.batches[1])
-    assert twin.agg_counter.get_extra_state()["num_updates"] == 2  # one counter: the task's
+    twin = copy.deepcopy(run.model)
+    twin.load_state_dict(earlier)
+    assert run.counter.num_updates == 2  # the live counter is not rewound
+    run.update(run.batches[2])
+    assert run.counter.num_updates == 3
 
 
 def test_freeze_study_reaches_the_decoder_through_data_parallel_wrappers(lm_cfg):

@@ -1,9 +1,12 @@
 """Bad input gets a clear error that names the problem (issue 2, criterion 6)."""
 
+import re
+
 import pytest
 import torch
 
 from fairseq_agg.core import TokenCounter, compute_gates
+from fairseq_agg.fairseq_fixes import saved_counter_state
 
 from _fairseq import binarize_lm, build, fairseq_train, train_args
 
@@ -56,10 +59,23 @@ def test_criterion_on_a_task_that_cannot_feed_it(lm_data):
         build(train_args(lm_data["a"], task="language_modeling"))
 
 
-def test_criterion_on_a_task_that_cannot_feed_it_fromfairseq_train(lm_data):
-    result = fairseq_train(train_args(lm_data["a"], task="language_modeling"))
-    assert result.returncode != 0
-    assert "needs a task that feeds its token counter" in result.stderr
+REFUSALS = {
+    "wrong task": ({"task": "language_modeling"}, [], "needs a task that feeds its token counter: use --task language_modeling_agg"),
+    "alpha": ({}, ["--agg-alpha", "1.5"], "--agg-alpha must lie in (0, 1], got 1.5"),
+    "amp": ({}, ["--amp"], "do not support --amp"),
+    "fp16 on CPU": ({}, ["--fp16"], "--fp16 needs a CUDA GPU and --cpu was given"),
+    "coupled adam": ({}, ["--optimizer", "coupled_adam", "--coupled-adam-embeddings", "nonsense"], "--coupled-adam-embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_start_up_refusals_from_fairseq_train_are_one_line(lm_data, case):
+    kwargs, extra, message = REFUSALS[case]
+    result = fairseq_train(train_args(lm_data["a"], *extra, **kwargs))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and message in lines[0], result.stderr[-3000:]
 
 
 def test_amp_is_refused(lm_data):
@@ -84,20 +100,21 @@ def test_checkpoint_counter_of_another_vocabulary(lm_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "a" / "checkpoint_last.pt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    counter_state = state["model"]["agg_counter._extra_state"]
+    counter_state = saved_counter_state(state)
     assert counter_state["num_updates"] == 1
 
     # The counter alone refuses it, naming both sizes ...
-    task_b, model_b, _ = build(train_args(lm_data["b"]))
+    task_b, _, _ = build(train_args(lm_data["b"]))
     with pytest.raises(ValueError, match=r"vocabulary of \d+ symbols but this task's target dictionary has \d+"):
-        model_b.agg_counter.set_extra_state(counter_state)
-    # ... and so does resuming training from it on a dataset with another dictionary.
+        task_b.agg_counter.load_state_dict(counter_state)
+    # ... and so does resuming training from it on a dataset with another dictionary, in one line.
     result = fairseq_train(
         train_args(lm_data["b"], "--restore-file", str(checkpoint), "--max-update", "2",
                     save_dir=tmp_path / "b")
     )
-    assert result.returncode != 0
-    assert "AGG token counter covers a vocabulary of" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(r".*error: cannot resume from \S+checkpoint_last.pt: size mismatch for "
+                        r"decoder.embed_tokens.weight: .* or the dictionary differ .*\n", result.stderr), result.stderr
 
 
 def test_core_rejects_bad_values():

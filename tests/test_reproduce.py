@@ -15,6 +15,7 @@ import torch
 
 from fairseq_agg import average_checkpoints as avg
 from fairseq_agg import reproduce
+from fairseq_agg.fairseq_fixes import saved_counter_state
 
 from _fairseq import REPO, USER_DIR
 
@@ -273,7 +274,7 @@ def test_table7_averages_the_last_five_checkpoints(table7):
     expected = torch.stack([s["model"][key].double() for s in states]).mean(0)
     assert torch.allclose(averaged["model"][key].double(), expected, atol=1e-6)
     assert not torch.equal(states[0]["model"][key], states[-1]["model"][key])
-    counter, newest = averaged["model"]["agg_counter._extra_state"], states[-1]["model"]["agg_counter._extra_state"]
+    counter, newest = saved_counter_state(averaged), saved_counter_state(states[-1])
     assert counter["num_updates"] == newest["num_updates"] == 20
     assert torch.equal(counter["slot_ids"], newest["slot_ids"])
     # the big smoke model is bigger than the base one

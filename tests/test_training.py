@@ -12,6 +12,8 @@ import re
 import pytest
 import torch
 
+from fairseq_agg.fairseq_fixes import saved_counter_state
+
 from conftest import (
     USER_DIR,
     Run,
@@ -20,7 +22,6 @@ from conftest import (
     run_all,
 )
 
-COUNTER_KEY = "agg_counter._extra_state"
 NSPECIAL = 4  # bos, pad, eos, unk
 N = 3  # updates before the stop of the stop/resume test
 
@@ -40,7 +41,7 @@ def assert_counter_states_equal(a: dict, b: dict) -> None:
 
 
 def model_params(ckpt: dict) -> dict:
-    return {k: v for k, v in ckpt["model"].items() if k != COUNTER_KEY}
+    return dict(ckpt["model"])
 
 
 def assert_params_identical(a: dict, b: dict) -> None:
@@ -79,8 +80,19 @@ def lm_runs(lm_data, tmp_path_factory):
         name="fairseq-eval-lm",
         subprocess=True,  # the real console entry point, with --user-dir loading the plug-in
     )
-    run_all([resumed, eval_lm])
-    return {"full": full, "first": first, "plain": plain, "resumed": resumed, "eval_lm": eval_lm}
+    stock_eval_lm = Run(
+        "eval_lm",
+        [
+            lm_data, "--path", root / "full" / "checkpoint_last.pt",
+            "--cpu", "--gen-subset", "test", "--tokens-per-sample", "32", "--context-window", "16",
+            "--max-tokens", "256", "--num-workers", "0", "--no-progress-bar",
+        ],
+        name="stock fairseq-eval-lm",
+        subprocess=True,  # a fresh process that never imports the plug-in
+    )
+    run_all([resumed, eval_lm, stock_eval_lm])
+    return {"full": full, "first": first, "plain": plain, "resumed": resumed, "eval_lm": eval_lm,
+            "stock_eval_lm": stock_eval_lm}
 
 
 def test_lm_trains_end_to_end(lm_runs, lm_data):
@@ -119,7 +131,7 @@ def test_lm_counter_counts_training_targets_of_the_window(lm_runs):
     target tokens of its update as fairseq logged them (wpb); validation at update N and the
     dry-run validation before training add nothing."""
     run = lm_runs["full"]
-    counter = run.checkpoint()["model"][COUNTER_KEY]
+    counter = saved_counter_state(run.checkpoint())
     assert counter["num_updates"] == 2 * N
     assert counter["window"] == 4
     lengths = counter["slot_lengths"].tolist()
@@ -138,12 +150,12 @@ def test_lm_stop_and_resume_is_bit_identical(lm_runs):
     assert re.search(rf"Loaded checkpoint \S+checkpoint_last.pt \(epoch 1 @ {N} updates\)", resumed.log)
     a, b = full.checkpoint(), resumed.checkpoint()
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 2 * N
-    assert_counter_states_equal(a["model"][COUNTER_KEY], b["model"][COUNTER_KEY])
+    assert_counter_states_equal(saved_counter_state(a), saved_counter_state(b))
     assert_params_identical(a, b)
     # The stop point agrees too, and the resumed run logs the same losses as the full one.
     mid = full.checkpoint(f"checkpoint_1_{N}.pt")
     stop = first.checkpoint(f"checkpoint_1_{N}.pt")  # its checkpoint_last.pt is the resumed run's now
-    assert_counter_states_equal(mid["model"][COUNTER_KEY], stop["model"][COUNTER_KEY])
+    assert_counter_states_equal(saved_counter_state(mid), saved_counter_state(stop))
     assert_params_identical(mid, stop)
     tail = [(r["num_updates"], r["loss"], r["agg_rare"]) for r in full.records["train_inner"][N:]]
     assert [(r["num_updates"], r["loss"], r["agg_rare"]) for r in resumed.records["train_inner"]] == tail
@@ -158,11 +170,12 @@ def test_lm_checkpoint_loads_with_user_dir(lm_runs):
     path = lm_runs["full"].save_dir / "checkpoint_last.pt"
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     assert type(task).__name__ == "LanguageModelingAggTask"
-    saved = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    assert_counter_states_equal(task.agg_counter.state_dict(), saved[COUNTER_KEY])
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert models[0].state_dict().keys() == saved["model"].keys()
     for name, param in models[0].state_dict().items():
-        if name != COUNTER_KEY:
-            assert torch.equal(param, saved[name]), name
+        assert torch.equal(param, saved["model"][name]), name
+    # Loading for evaluation leaves the task's counter alone: only a training resume restores it.
+    assert task.agg_counter.num_updates == 0 and saved_counter_state(saved)["num_updates"] == 2 * N
 
 
 def test_eval_lm_runs_on_agg_checkpoint(lm_runs):
@@ -218,7 +231,7 @@ def test_mt_trains_end_to_end(mt_runs, mt_data):
     assert as_float(inner[0], "agg_rare") == vocab - NSPECIAL
     as_float(records["valid"][-1], "valid_loss")
     ckpt = run.checkpoint()
-    assert ckpt["model"][COUNTER_KEY]["num_updates"] == 2
+    assert saved_counter_state(ckpt)["num_updates"] == 2
     # --share-all-embeddings: one matrix for encoder input, decoder input and output.
     model = ckpt["model"]
     assert torch.equal(model["encoder.embed_tokens.weight"], model["decoder.embed_tokens.weight"])
@@ -238,7 +251,7 @@ def test_mt_stop_and_resume_is_bit_identical(mt_runs):
     assert re.search(r"Loaded checkpoint \S+checkpoint_last.pt \(epoch 1 @ 1 updates\)", resumed.log)
     a, b = mt_runs["agg"].checkpoint(), resumed.checkpoint()
     assert b["optimizer_history"][-1]["num_updates"] == 2
-    assert_counter_states_equal(a["model"][COUNTER_KEY], b["model"][COUNTER_KEY])
+    assert_counter_states_equal(saved_counter_state(a), saved_counter_state(b))
     assert_params_identical(a, b)
 
 
@@ -314,7 +327,7 @@ def test_ablation_trains(ablation_runs, mode, lm_data):
         # The study's static group: the 20% least frequent non-special tokens, every update.
         assert {float(r["agg_rare"]) for r in inner} == {float(int(0.2 * (vocab - NSPECIAL)))}
     if mode == "static_after":
-        counter = run.checkpoint()["model"][COUNTER_KEY]
+        counter = saved_counter_state(run.checkpoint())
         assert counter["num_updates"] == 4 and len(counter["slot_lengths"]) == 2
         # Gates of updates 3 and 4 both come from the counter frozen after update 2.
         assert inner[2]["agg_rare"] == inner[3]["agg_rare"]
@@ -357,6 +370,14 @@ def test_study_freeze_keeps_rare_rows(ablation_runs, lm_data):
     assert not torch.equal(after1[key][~rare], after3[key][~rare])
 
 
+def test_stock_eval_lm_scores_an_agg_checkpoint_without_the_plugin(lm_runs):
+    stock, with_plugin = lm_runs["stock_eval_lm"].log, lm_runs["eval_lm"].log
+    assert "fairseq_agg" not in stock  # no --user-dir: fairseq's own language_modeling task
+    plain = re.search(r"Perplexity: ([0-9.]+)", stock)
+    agg = re.search(r"Perplexity: ([0-9.]+)", with_plugin)
+    assert plain and agg and plain.group(1) == agg.group(1), stock[-3000:]
+
+
 def test_exported_checkpoint_loads_in_stock_fairseq(lm_runs, lm_data, tmp_path):
     """fairseq_agg.export makes a checkpoint that fairseq-eval-lm scores without the plug-in,
     with the same perplexity as the plug-in's own task."""
@@ -369,7 +390,7 @@ def test_exported_checkpoint_loads_in_stock_fairseq(lm_runs, lm_data, tmp_path):
     subprocess.run([sys.executable, "-m", "fairseq_agg.export", str(lm_runs["full"].save_dir / "checkpoint_last.pt"),
                     str(exported)], check=True, env=subprocess_env())
     state = torch.load(exported, map_location="cpu", weights_only=False)
-    assert COUNTER_KEY not in state["model"] and state["cfg"]["task"]["_name"] == "language_modeling"
+    assert saved_counter_state(state) is None and state["cfg"]["task"]["_name"] == "language_modeling"
     result = subprocess.run(
         [sys.executable, "-m", "fairseq_cli.eval_lm", str(lm_data), "--path", str(exported), "--cpu",
          "--gen-subset", "test", "--tokens-per-sample", "32", "--context-window", "16", "--max-tokens", "256",
@@ -392,8 +413,8 @@ def test_unlikelihood_stop_and_resume_is_bit_identical(lm_data, tmp_path, criter
     run_all([resumed])
     a, b = full.checkpoint(), resumed.checkpoint()
     assert b["optimizer_history"][-1]["num_updates"] == 4
-    assert_counter_states_equal(a["model"][COUNTER_KEY], b["model"][COUNTER_KEY])
-    assert a["model"][COUNTER_KEY]["num_updates"] == 4
+    assert_counter_states_equal(saved_counter_state(a), saved_counter_state(b))
+    assert saved_counter_state(a)["num_updates"] == 4
     assert_params_identical(a, b)
     tail = [(r["num_updates"], r["loss"], r["ul_loss"]) for r in full.records["train_inner"][2:]]
     assert [(r["num_updates"], r["loss"], r["ul_loss"]) for r in resumed.records["train_inner"]] == tail

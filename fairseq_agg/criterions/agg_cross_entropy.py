@@ -12,9 +12,15 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_agg import core
+from fairseq_agg.errors import AggConfigError
 
 STUDY_MODES = ["none", "freeze", "detach_b", "detach_c", "detach_bc"]
 # (g1, g2) on the static rare group: part (b) is gated by g1, part (c) by g2.
+# Changing one of these between a run and its resume changes the gates: the resume logs it.
+RESUME_CHECKED_OPTIONS = (
+    "agg_alpha", "agg_window", "agg_no_g1", "agg_no_g2", "agg_static_after", "agg_study",
+    "agg_study_rare_fraction", "label_smoothing", "unlikelihood_alpha",
+)
 STUDY_GATE_VALUES = {"freeze": (0.0, 0.0), "detach_b": (0.0, 1.0), "detach_c": (1.0, 0.0), "detach_bc": (0.0, 0.0)}
 
 
@@ -61,12 +67,12 @@ def output_projection_weight(model) -> torch.Tensor:
     """The W of logits = h W^T, refusing output layers that AGG's gradient split does not cover."""
     decoder = getattr(model, "decoder", None)
     if decoder is None:
-        raise ValueError("agg criteria need a fairseq model with a decoder")
+        raise AggConfigError("agg criteria need a fairseq model with a decoder")
     if getattr(decoder, "adaptive_softmax", None) is not None:
-        raise ValueError("agg criteria do not support --adaptive-softmax-cutoff: AGG needs a full softmax over W")
+        raise AggConfigError("agg criteria do not support --adaptive-softmax-cutoff: AGG needs a full softmax over W")
     projection = getattr(decoder, "output_projection", None)
     if not isinstance(projection, torch.nn.Linear) or projection.bias is not None:
-        raise ValueError(
+        raise AggConfigError(
             "agg criteria need decoder.output_projection to be a bias-free nn.Linear "
             "(fairseq's transformer_lm_* and transformer_* architectures)"
         )
@@ -75,9 +81,9 @@ def output_projection_weight(model) -> torch.Tensor:
 
 def check_loss_options(label_smoothing: float, loss_chunk_size: int) -> None:
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
+        raise AggConfigError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
     if loss_chunk_size < 0:
-        raise ValueError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {loss_chunk_size}")
+        raise AggConfigError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {loss_chunk_size}")
 
 
 def objective(criterion, model, sample, gates, label_smoothing, unlikelihood_alpha, loss_chunk_size,
@@ -115,21 +121,21 @@ class AggCriterionBase(FairseqCriterion):
         from fairseq_agg.tasks.agg_task import AggTaskMixin
 
         if not isinstance(task, AggTaskMixin):
-            raise ValueError(
+            raise AggConfigError(
                 f"criterion {self.criterion_name()} needs a task that feeds its token counter: use "
                 f"--task language_modeling_agg for language modelling or --task translation_agg for "
                 f"translation (got {type(task).__name__})"
             )
         if not 0.0 < cfg.agg_alpha <= 1.0:
-            raise ValueError(f"--agg-alpha must lie in (0, 1], got {cfg.agg_alpha}")
+            raise AggConfigError(f"--agg-alpha must lie in (0, 1], got {cfg.agg_alpha}")
         if cfg.agg_window is not None and cfg.agg_window < 1:
-            raise ValueError(f"--agg-window must be a positive number of updates, got {cfg.agg_window}")
+            raise AggConfigError(f"--agg-window must be a positive number of updates, got {cfg.agg_window}")
         check_loss_options(cfg.label_smoothing, cfg.loss_chunk_size)
         if cfg.agg_static_after is not None and cfg.agg_static_after < 1:
-            raise ValueError(f"--agg-static-after must be a positive number of updates, got {cfg.agg_static_after}")
+            raise AggConfigError(f"--agg-static-after must be a positive number of updates, got {cfg.agg_static_after}")
         study = str(cfg.agg_study)
         if study not in STUDY_MODES:
-            raise ValueError(f"unknown --agg-study mode {study!r}; choose one of {', '.join(STUDY_MODES)}")
+            raise AggConfigError(f"unknown --agg-study mode {study!r}; choose one of {', '.join(STUDY_MODES)}")
         self.cfg = cfg
         self.sentence_avg = cfg.sentence_avg
         self.eps = cfg.label_smoothing
@@ -149,6 +155,11 @@ class AggCriterionBase(FairseqCriterion):
     @classmethod
     def criterion_name(cls):
         return "agg_cross_entropy"
+
+    def agg_options(self) -> dict:
+        """The options that shape the gates, saved with every checkpoint to flag a changed resume."""
+        options = {name: getattr(self.cfg, name) for name in RESUME_CHECKED_OPTIONS if hasattr(self.cfg, name)}
+        return {name: str(value) if name == "agg_study" else value for name, value in options.items()}
 
     def current_gates(self, device=None) -> core.Gates:
         if self.static_gates is not None:
@@ -172,7 +183,7 @@ class AggCriterionBase(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         if not reduce:
-            raise ValueError(f"{self.criterion_name()} only computes summed losses (reduce=True)")
+            raise AggConfigError(f"{self.criterion_name()} only computes summed losses (reduce=True)")
         training = self.training and torch.is_grad_enabled()
         gates = self.current_gates(sample["target"].device) if training else None
         loss, sample_size, logging_output = objective(

@@ -32,6 +32,7 @@ from fairseq_agg import core
 from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.criterions.unlikelihood import log_unlikelihood_metric
 from fairseq_agg.remedies import mean_pairwise_cosine
+from fairseq_agg.errors import AggConfigError
 
 
 @dataclass
@@ -61,11 +62,11 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, task, cfg: CosRegCrossEntropyConfig):
         super().__init__(task)
         if not cfg.cosreg_gamma >= 0.0:
-            raise ValueError(f"--cosreg-gamma must be >= 0 (0: plain cross-entropy), got {cfg.cosreg_gamma}")
+            raise AggConfigError(f"--cosreg-gamma must be >= 0 (0: plain cross-entropy), got {cfg.cosreg_gamma}")
         if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+            raise AggConfigError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
         if not cfg.unlikelihood_alpha >= 0.0:
-            raise ValueError(f"--unlikelihood-alpha must be >= 0, got {cfg.unlikelihood_alpha}")
+            raise AggConfigError(f"--unlikelihood-alpha must be >= 0, got {cfg.unlikelihood_alpha}")
         self.gamma = cfg.cosreg_gamma
         self.eps = cfg.label_smoothing
         self.unlikelihood_alpha = cfg.unlikelihood_alpha
@@ -73,7 +74,7 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         if not reduce:
-            raise ValueError("cosreg_cross_entropy only computes summed losses (reduce=True)")
+            raise AggConfigError("cosreg_cross_entropy only computes summed losses (reduce=True)")
         net_output = model(**sample["net_input"])
         loss, nll_loss, ul_loss = self.compute_loss(model, net_output, sample)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -101,7 +102,7 @@ class CosRegCrossEntropyCriterion(FairseqCriterion):
         try:
             return output_projection_weight(model)
         except ValueError as error:
-            raise ValueError(f"cosreg_cross_entropy regularises the output embedding W, so: {error}") from error
+            raise AggConfigError(f"cosreg_cross_entropy regularises the output embedding W, so: {error}") from error
 
     def compute_loss(self, model, net_output, sample):
         """Summed (loss, nll, ul) of the cross-entropy part; ul is None without unlikelihood."""

@@ -14,6 +14,7 @@ from fairseq_agg.criterions.agg_cross_entropy import (
     check_loss_options,
     objective,
 )
+from fairseq_agg.errors import AggConfigError
 
 
 def _unlikelihood_alpha_field():
@@ -22,7 +23,7 @@ def _unlikelihood_alpha_field():
 
 def _check_alpha(alpha: float) -> None:
     if alpha < 0:
-        raise ValueError(f"--unlikelihood-alpha must be >= 0, got {alpha}")
+        raise AggConfigError(f"--unlikelihood-alpha must be >= 0, got {alpha}")
 
 
 def log_unlikelihood_metric(logging_outputs) -> None:
@@ -62,7 +63,7 @@ class UnlikelihoodCrossEntropyCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         if not reduce:
-            raise ValueError("unlikelihood_cross_entropy only computes summed losses (reduce=True)")
+            raise AggConfigError("unlikelihood_cross_entropy only computes summed losses (reduce=True)")
         cfg = self.cfg
         return objective(self, model, sample, None, cfg.label_smoothing, cfg.unlikelihood_alpha,
                          cfg.loss_chunk_size, cfg.sentence_avg, log_unlikelihood=True)

@@ -21,6 +21,7 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
 from fairseq_agg.remedies import CoupledAdam
+from fairseq_agg.errors import AggConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +114,14 @@ def mark_embedding_parameters(model: torch.nn.Module, names: Optional[Sequence[s
             names = [n.strip() for n in names.split(",") if n.strip()]
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise ValueError(
+            raise AggConfigError(
                 f"mark_embedding_parameters: no parameter named {', '.join(unknown)}; the model has: "
                 f"{', '.join(by_name)}"
             )
         chosen = {id(by_name[n]): by_name[n] for n in names}
         for param in chosen.values():
             if param.dim() != 2:
-                raise ValueError(
+                raise AggConfigError(
                     f"mark_embedding_parameters: {all_names[id(param)][0]} has shape "
                     f"{tuple(param.shape)}; only (vocabulary, dim) matrices can share a second moment"
                 )
@@ -173,17 +174,17 @@ class FairseqCoupledAdam(FairseqOptimizer):
         if selection not in SELECTIONS:
             names = {n.strip() for n in selection.split(",") if n.strip()}
             if not names:
-                raise ValueError(f"--coupled-adam-embeddings: choose one of {', '.join(SELECTIONS)} or parameter names")
+                raise AggConfigError(f"--coupled-adam-embeddings: choose one of {', '.join(SELECTIONS)} or parameter names")
         tags = [embedding_tag(p) for p in params]
         marked = [tag for tag in tags if tag is not None]
         if not marked and selection != "none":
             if params and all(p.dim() == 1 for p in params):
-                raise ValueError(
+                raise AggConfigError(
                     "coupled_adam got the parameters flattened into vectors, which have no embedding rows "
                     "to share a second moment: --fp16 flattens them unless you add --fp16-no-flatten-grads "
                     "(or use --memory-efficient-fp16); --ddp-backend fully_sharded is not supported"
                 )
-            raise ValueError(
+            raise AggConfigError(
                 "coupled_adam found no parameter marked as an embedding matrix: " + _HOW_TO_MARK
                 + ". Use --coupled-adam-embeddings none for plain AdamW."
             )
@@ -191,7 +192,7 @@ class FairseqCoupledAdam(FairseqOptimizer):
             known = {n for tag in marked for n in tag["names"]}
             unknown = sorted(names - known)
             if unknown:
-                raise ValueError(
+                raise AggConfigError(
                     f"--coupled-adam-embeddings names {', '.join(unknown)}, which are not among the marked "
                     f"embedding matrices ({', '.join(sorted(known)) or 'none'}); to couple other parameters, "
                     f"mark them with fairseq_agg.optim.mark_embedding_parameters(model, names=[...])"
@@ -206,7 +207,7 @@ class FairseqCoupledAdam(FairseqOptimizer):
             else:
                 plain.append(param)
         if selection != "none" and not coupled:
-            raise ValueError(
+            raise AggConfigError(
                 f"--coupled-adam-embeddings {selection} selects none of the marked embedding matrices "
                 f"({'; '.join(' = '.join(t['names']) + ' [' + ', '.join(t['roles']) + ']' for t in marked)})"
             )
@@ -241,7 +242,7 @@ class FairseqCoupledAdam(FairseqOptimizer):
             def describe(groups):
                 return ", ".join(f"{n} {'coupled' if flag else 'plain'}" for flag, n in groups) or "nothing"
 
-            raise ValueError(
+            raise AggConfigError(
                 f"the checkpoint's optimizer state ({describe(saved)} parameters) does not fit this "
                 f"coupled_adam ({describe(current)}): it comes from another optimizer or another "
                 f"--coupled-adam-embeddings; resume with the same settings or add --reset-optimizer"

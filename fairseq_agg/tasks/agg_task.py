@@ -2,7 +2,6 @@
 summed over micro-batches and workers, and the counter in the checkpoint. Also, whatever the
 criterion, I(W) of the output embedding at each validation (paper Figure 2 from the log)."""
 
-import argparse
 import logging
 import math
 from typing import Optional
@@ -12,48 +11,29 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import metrics
 
 from fairseq_agg.core import TokenCounter
+from fairseq_agg.errors import AggConfigError
+from fairseq_agg.fairseq_fixes import LEGACY_COUNTER_KEY
 from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.isotropy import isotropy
 from fairseq_agg.optim.coupled_adam import mark_embedding_parameters
 
 logger = logging.getLogger(__name__)
 
-# fairseq 0.12 loads checkpoints with torch.load's default, weights_only=True since torch 2.6;
-# checkpoints of architectures configured through argparse (transformer_wmt_en_de and the other
-# translation models) hold an argparse.Namespace, so without this neither resuming nor
-# fairseq-generate could load them.
-if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([argparse.Namespace])
-
-
-class AggCounterState(torch.nn.Module):
-    """Carries the task's token counter inside the model's state dict.
-
-    fairseq saves ``task_state`` but does not restore it when training resumes, while the
-    model state is restored on every worker; so the counter travels as the model's extra
-    state (key ``agg_counter._extra_state``). It has no parameters and no buffers.
-    """
+class _SetAsideLegacyCounter:
+    """Load-state-dict pre-hook of the task's models. Checkpoints of fairseq-agg 0.1 kept the
+    counter in the model state; it is set aside for ``restore_agg_checkpoint_state``, so that
+    loading weights (into the model or a copy of it) never moves the counter."""
 
     def __init__(self, task):
-        super().__init__()
-        self._task = [task]  # a list keeps the task out of the module tree
-        self.register_load_state_dict_pre_hook(self._allow_missing)
-
-    @staticmethod
-    def _allow_missing(module, state_dict, prefix, *args):
-        # Checkpoints of plain fairseq runs hold no counter: start from an empty one.
-        state_dict.setdefault(prefix + "_extra_state", None)
+        self.task = task
 
     def __deepcopy__(self, memo):
-        # Copies of the model (fairseq's EMA) share the task's one counter.
-        return AggCounterState(self._task[0])
+        return self  # copies of the model (fairseq's EMA) must not copy the task
 
-    def get_extra_state(self):
-        return self._task[0].agg_counter.state_dict()
-
-    def set_extra_state(self, state):
-        if state is not None:
-            self._task[0].agg_counter.load_state_dict(state)
+    def __call__(self, module, state_dict, prefix, *args):
+        legacy = state_dict.pop(prefix + LEGACY_COUNTER_KEY, None)
+        if legacy is not None and not prefix:
+            self.task._agg_legacy_counter = legacy
 
 
 class AggTaskMixin:
@@ -69,7 +49,7 @@ class AggTaskMixin:
         self._valid_isotropy = not getattr(self.agg_options, "no_valid_isotropy", False)
         self._isotropy_due = self._valid_isotropy
         if getattr(self.agg_options, "amp", False):
-            raise ValueError(
+            raise AggConfigError(
                 "the AGG tasks do not support --amp: it retries overflowing batches after the "
                 "optimizer step, which the token counter cannot tell from a new update; use --fp16 or --bf16"
             )
@@ -88,12 +68,12 @@ class AggTaskMixin:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        model.agg_counter = AggCounterState(self)
+        model.register_load_state_dict_pre_hook(_SetAsideLegacyCounter(self))
         mark_embedding_parameters(model)  # read by --optimizer coupled_adam only
         return model
 
     def get_batch_iterator(self, dataset, *args, epoch=1, **kwargs):
-        itr = super().get_batch_iterator(dataset, *args, epoch=epoch, **kwargs)
+        itr = self._batches_of_an_uninterrupted_run(dataset, args, kwargs, epoch)
         if (
             self.agg_counter.window is None
             and not self._agg_window_from_option
@@ -105,6 +85,59 @@ class AggTaskMixin:
             self.agg_counter.set_window(window)
             logger.info(f"AGG token counter window K = {window} updates (one epoch)")
         return itr
+
+    def _batches_of_an_uninterrupted_run(self, dataset, args, kwargs, epoch):
+        # fairseq shuffles examples into batches once, seeded with the epoch in which the
+        # iterator is first built (seed + epoch), then reuses those batches in every epoch. An
+        # uninterrupted run builds them in epoch 1; a run resumed in epoch 2 or later would build
+        # others. Built as in epoch 1, they are the same whenever the run was resumed.
+        reused = (
+            self.can_reuse_epoch_itr(dataset)
+            and not kwargs.get("disable_iterator_cache", False)
+            and not kwargs.get("update_epoch_batch_itr", False)
+            and not getattr(self.agg_options, "rebuild_batches", False)
+        )
+        if not reused or epoch == 1 or dataset in self.dataset_to_epoch_iter:
+            return super().get_batch_iterator(dataset, *args, epoch=epoch, **kwargs)
+        itr = super().get_batch_iterator(dataset, *args, epoch=1, **kwargs)
+        itr.epoch = epoch
+        dataset.set_epoch(epoch)
+        return itr
+
+    # -- the checkpoint --------------------------------------------------------------------
+    def agg_checkpoint_state(self, criterion) -> dict:
+        """What the trainer saves under the checkpoint's ``extra_state["agg"]``."""
+        options = criterion.agg_options() if hasattr(criterion, "agg_options") else None
+        return {"counter": self.agg_counter.state_dict(), "options": options}
+
+    def restore_agg_checkpoint_state(self, state: Optional[dict], criterion) -> None:
+        """Called on every worker when training resumes from a checkpoint."""
+        counter_state = state.get("counter") if state else self.__dict__.pop("_agg_legacy_counter", None)
+        if counter_state is None:
+            return
+        if int(counter_state["vocab_size"]) != self.agg_counter.vocab_size:
+            raise AggConfigError(
+                f"the checkpoint's AGG token counter covers {counter_state['vocab_size']} symbols but the "
+                f"target dictionary has {self.agg_counter.vocab_size}: resume with the data the checkpoint "
+                f"was trained on, or pass --reset-dataloader --reset-optimizer to start from its weights only"
+            )
+        if hasattr(criterion, "agg_options"):
+            self._log_changed_options((state or {}).get("options"), counter_state, criterion.agg_options())
+        self.agg_counter.load_state_dict(counter_state)
+
+    def _log_changed_options(self, saved: Optional[dict], counter_state: dict, now: dict) -> None:
+        changes = []
+        if saved is not None:
+            for name, value in now.items():
+                if name != "agg_window" and name in saved and saved[name] != value:
+                    changes.append(f"--{name.replace('_', '-')} {saved[name]} -> {value}")
+        if now.get("agg_window") is not None and counter_state.get("window") != now["agg_window"]:
+            changes.append(f"--agg-window {counter_state.get('window')} -> {now['agg_window']}")
+        if changes:
+            logger.warning(
+                "AGG options differ from the checkpoint's: " + "; ".join(changes)
+                + f" (the new values apply from update {int(counter_state['num_updates']) + 1} on)"
+            )
 
     # -- the update clock -------------------------------------------------------------
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
@@ -156,7 +189,7 @@ class AggTaskMixin:
         if self._agg_frozen_rows is None:
             return []
         if getattr(optimizer, "fp32_params", None) is not None:
-            raise ValueError(
+            raise AggConfigError(
                 "--agg-study freeze cannot hold rows fixed while the optimizer keeps fp32 master "
                 "weights (--fp16, --bf16); train the study in fp32 or with --memory-efficient-fp16 "
                 "or --memory-efficient-bf16"
