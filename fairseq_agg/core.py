@@ -15,6 +15,7 @@ Conventions (see README, "Exact semantics"):
   Everything else (the loss value, the gradient of the features) is plain cross-entropy.
 """
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -37,6 +38,7 @@ __all__ = [
     "unlikelihood_loss",
     "chunked_gated_loss",
     "gated_loss",
+    "auto_chunk_rows",
 ]
 
 
@@ -457,7 +459,11 @@ class _ChunkedGatedLoss(torch.autograd.Function):
     """(Label-smoothed) cross-entropy [+ unlikelihood] of ``features @ weight.T`` computed
     chunk by chunk of rows: each chunk's logits are made, turned into the loss and into
     their share of both gradients, and freed. The gradients (W path gated as eq. 23) are
-    kept, in float32 at least, for backward; no (rows x vocabulary) tensor outlives a chunk."""
+    kept, in float32 at least, for backward; no (rows x vocabulary) tensor outlives a chunk.
+
+    Memory beyond the inputs: W's gradient, the features' gradient, and one chunk of logits
+    (turned in place into probabilities and then into the logits' gradient) plus, when some
+    rows of the chunk have a rare target, those rows of it."""
 
     @staticmethod
     def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
@@ -470,8 +476,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_features = torch.empty(features.shape, dtype=acc_dtype, device=features.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        gates = Gates(rare, g1, g2, num_rare=-1) if rare is not None else None
-        correction = torch.zeros_like(grad_weight) if need_w and gates is not None else None
+        gated = need_w and rare is not None
+        if gated:
+            g1_acc, g2_acc = g1.to(acc_dtype), g2.to(acc_dtype)
+            g2_minus_g1 = g2_acc - g1_acc
         weight_mm = weight.to(mm_dtype) if need_h else None
         eps_i = epsilon / (vocab - 1)
         loss = torch.zeros((), dtype=acc_dtype, device=features.device)
@@ -484,27 +492,33 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         for chunk, start in enumerate(range(0, rows_total, chunk_rows)):
             end = min(start + chunk_rows, rows_total)
             h, y = features[start:end], target[start:end]
-            lprobs = h.matmul(weight.t()).to(acc_dtype)
-            lprobs -= torch.logsumexp(lprobs, dim=-1, keepdim=True)
+            # One (chunk x vocabulary) buffer: logits, then probabilities, then their gradient.
+            probs = h.matmul(weight.t()).to(acc_dtype)
             valid = (y != ignore_index).to(acc_dtype) if ignore_index is not None else torch.ones_like(y, dtype=acc_dtype)
-            nll_rows = -lprobs.gather(1, y.unsqueeze(1)).squeeze(1) * valid
+            logit_y = probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            logit_sum = probs.sum(dim=1) if epsilon > 0 else None
+            row_max = probs.amax(dim=1, keepdim=True)
+            probs.sub_(row_max).exp_()
+            sum_exp = probs.sum(dim=1)
+            log_z = row_max.squeeze(1) + sum_exp.log()
+            probs.div_(sum_exp.unsqueeze(1))
+            nll_rows = (log_z - logit_y) * valid
             nll += nll_rows.sum()
             if epsilon > 0:
-                smooth = -(lprobs.sum(dim=1) * valid).sum()
+                smooth = ((vocab * log_z - logit_sum) * valid).sum()
                 loss += (1.0 - epsilon - eps_i) * nll_rows.sum() + eps_i * smooth
             else:
                 loss += nll_rows.sum()
             if use_ul:
                 lo, hi = bounds[chunk], bounds[chunk + 1]
                 pair_rows, pair_tokens = ul_rows[lo:hi] - start, ul_tokens[lo:hi]
-                p_cand = lprobs[pair_rows, pair_tokens].exp()
+                p_cand = probs[pair_rows, pair_tokens]
                 ul_chunk = -torch.log(torch.clamp(1.0 - p_cand, min=1e-5)).sum()
                 ul += ul_chunk
                 loss += ul_alpha * ul_chunk
             if not (need_h or need_w):
                 continue
-            # d loss / d logits, built in place of the log-probabilities.
-            probs = lprobs.exp_()
+            # d loss / d logits, built in place of the probabilities.
             row_coef = valid * (1.0 - epsilon - eps_i + vocab * eps_i)
             if use_ul:
                 # d(-log(1 - p_c))/dz_j = w_c (delta_jc - p_j), w_c = p_c / (1 - p_c); 0 where clamped.
@@ -516,20 +530,24 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_logits.scatter_add_(1, y.unsqueeze(1), (-(1.0 - epsilon - eps_i) * valid).unsqueeze(1))
             if epsilon > 0:
                 grad_logits -= (eps_i * valid).unsqueeze(1)
-            grad_mm = grad_logits.to(mm_dtype)
             if need_h:
-                grad_features[start:end] = grad_mm.matmul(weight_mm).to(acc_dtype)
-            if need_w:
-                h_mm = h.to(mm_dtype)
-                if mm_dtype == acc_dtype:
-                    grad_weight.addmm_(grad_mm.t(), h_mm)  # accumulated by the matmul itself
-                else:
-                    grad_weight += grad_mm.t().matmul(h_mm).to(acc_dtype)
-                if correction is not None:
-                    add_rare_row_correction(correction, grad_logits, h_mm, y, gates)
-        if correction is not None:
-            grad_weight *= g1.to(acc_dtype).unsqueeze(1)
-            grad_weight += correction
+                grad_features[start:end] = grad_logits.to(mm_dtype).matmul(weight_mm)
+            if not need_w:
+                continue
+            h_mm = h.to(mm_dtype)
+            if gated:
+                # (D * Gate)^T H = (D diag(g1))^T H + (D_r diag(g2 - g1))^T H_r + own-target terms,
+                # D_r the rows whose target is rare (eq. 23): their extra share first, then D is
+                # gated by g1 in place.
+                rows = rare[y].nonzero().squeeze(1)
+                if rows.numel() > 0:
+                    d_r, h_r, y_r = grad_logits[rows], h_mm[rows], y[rows]
+                    own = (1.0 - g2_acc[y_r]) * d_r.gather(1, y_r.unsqueeze(1)).squeeze(1)
+                    grad_weight.index_add_(0, y_r, (own.unsqueeze(1) * h_r.to(acc_dtype)))
+                    _accumulate_matmul(grad_weight, d_r.mul_(g2_minus_g1).t(), h_r, mm_dtype)
+                    del d_r
+                grad_logits.mul_(g1_acc)
+            _accumulate_matmul(grad_weight, grad_logits.t(), h_mm, mm_dtype)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = (features.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll, ul)
@@ -539,11 +557,21 @@ class _ChunkedGatedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_nll, _grad_ul):
         grad_features, grad_weight = ctx.saved_tensors
         features_dtype, weight_dtype = ctx.dtypes
+        # In place: the saved gradients are this graph's own and the backward runs once, so no
+        # second W-sized tensor is made.
         if grad_features is not None:
-            grad_features = (grad_features * grad_loss).to(features_dtype)
+            grad_features = grad_features.mul_(grad_loss).to(features_dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+            grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
         return (grad_features, grad_weight) + (None,) * 10
+
+
+def _accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mm_dtype: torch.dtype) -> None:
+    """out += a @ b, the product in ``mm_dtype`` (the training precision), the sum in out's dtype."""
+    if mm_dtype == out.dtype:
+        out.addmm_(a.to(mm_dtype), b)  # accumulated by the matmul itself
+    else:
+        out += a.to(mm_dtype).matmul(b).to(out.dtype)
 
 
 def chunked_gated_loss(
@@ -575,6 +603,16 @@ def chunked_gated_loss(
     )
 
 
+def auto_chunk_rows(rows: int, vocab: int, dim: int) -> int:
+    """Rows per chunk for ``chunk_rows=None``: torch's ``aspect_ratio:2`` rule for its chunked
+    ``linear_cross_entropy`` (a chunk's logits take about half the memory of the (rows x dim)
+    features), at least 64 rows; 0, one logits tensor, when that would be a single chunk."""
+    chunks_per_batch = -(-vocab // dim)
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, -(-rows // chunks_per_batch)))))
+    chunk = max(64, chunk // 2)
+    return 0 if chunk >= rows else chunk
+
+
 def gated_loss(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -583,19 +621,22 @@ def gated_loss(
     ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
     unlikelihood_alpha: float = 0.0,
-    chunk_rows: int = 0,
+    chunk_rows: Optional[int] = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The objective of the criteria: summed (loss, nll, ul) for ``features`` (B*T, d),
     output embedding ``weight`` (V, d) and ``target`` (B, T).
 
     loss = (label-smoothed) NLL + unlikelihood_alpha * UL, with the W gradient gated by
     ``gates`` (None: plain). ``chunk_rows`` > 0 selects the chunked path, which never holds
-    the (B*T, V) logits; 0 the single-logits-tensor path. Both give the same values and
-    gradients up to float rounding.
+    the (B*T, V) logits; 0 the single-logits-tensor path; None picks by shape
+    (:func:`auto_chunk_rows`). Both paths give the same values and gradients up to float
+    rounding.
     """
     if target.dim() != 2:
         raise ValueError(f"gated_loss needs targets of shape (batch, length), got {tuple(target.shape)}")
     flat_target = target.reshape(-1)
+    if chunk_rows is None:
+        chunk_rows = auto_chunk_rows(flat_target.numel(), weight.size(0), weight.size(1))
     pairs = unlikelihood_candidates(target, ignore_index) if unlikelihood_alpha > 0 else None
     if chunk_rows > 0:
         return chunked_gated_loss(

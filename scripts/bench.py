@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from fairseq_agg import core  # noqa: E402
 
 METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked", "torch_lce", "torch_lce_chunked"]
+ANCHORS = ["fairseq_ce", "torch_lce_chunked"]  # time and memory ratios are given against these
 
 
 def build_model(vocab, dim, layers, heads, device, dtype):
@@ -176,13 +177,18 @@ def measure_all(steps, model, device, warmup, repeats, memory, naive_repeats):
         for _ in range(naive_repeats if repeats else 0):
             times["naive_3logit"].append(timed_step(steps["naive_3logit"], model, device))
     results = {name: ({"time_s": statistics.median(t)} if t else {}) for name, t in times.items()}
-    if "fairseq_ce" in steps and repeats:
+    for anchor in ANCHORS:
+        if anchor not in steps or not repeats:
+            continue
         # Steps of one round ran seconds apart, so their ratio cancels the machine's drift
         # over the run; the median over rounds and its quartiles show how steady that is.
         for name in names:
-            ratios = [t / ce for t, ce in zip(times[name], times["fairseq_ce"])]
-            results[name]["paired_ratio"] = statistics.median(ratios)
-            results[name]["paired_ratio_quartiles"] = _quartiles(ratios)
+            ratios = [t / a for t, a in zip(times[name], times[anchor])]
+            results[name].setdefault("paired_ratio_vs", {})[anchor] = {
+                "median": statistics.median(ratios), "quartiles": _quartiles(ratios)}
+            if anchor == "fairseq_ce":
+                results[name]["paired_ratio"] = statistics.median(ratios)
+                results[name]["paired_ratio_quartiles"] = _quartiles(ratios)
     if memory:
         for name, step in steps.items():
             results[name]["peak_bytes"] = peak_memory(step, model, device)
@@ -303,24 +309,34 @@ def main(argv=None):
         for tokens in args.tokens:
             print(f"vocab {vocab}, {tokens} tokens:", file=sys.stderr, flush=True)
             rows.append(run_config(args, vocab, tokens, device, dtype))
+    anchors = [a for a in ANCHORS if a in args.methods]
+    print(f"time: median ms per step (paired ratio against {' / '.join(anchors)}, median and quartiles over "
+          f"rounds); memory: peak MiB (ratio against {' / '.join(anchors)})")
     header = "| vocab | tokens | rare tokens | rare-target rows | " + " | ".join(
-        f"{m} ms (x CE) | {m} MiB (x CE)" for m in args.methods) + " |"
+        f"{m} ms | {m} MiB" for m in args.methods) + " |"
     print(header)
     print("|" + "---|" * (4 + 2 * len(args.methods)))
     for row in rows:
-        base = row["methods"].get("fairseq_ce")
         cells = []
         for m in args.methods:
             r = row["methods"][m]
             if "time_s" not in r:
                 continue
-            if "paired_ratio" in r and m != "fairseq_ce":
-                q1, q3 = r["paired_ratio_quartiles"]
-                t_ratio = f" ({r['paired_ratio']:.3f}x, {q1:.3f}-{q3:.3f})"
-            else:
-                t_ratio = f" ({r['time_s'] / base['time_s']:.2f}x)" if base else ""
-            m_ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x)" if base and base["peak_bytes"] > 0 else ""
-            cells += [f"{r['time_s'] * 1e3:.1f}{t_ratio}", f"{r['peak_bytes'] / 2**20:.1f}{m_ratio}"]
+            t_ratios, m_ratios = [], []
+            for anchor in anchors:
+                base = row["methods"][anchor]
+                paired = r.get("paired_ratio_vs", {}).get(anchor)
+                if m == anchor:
+                    t_ratios.append("1")
+                elif paired:
+                    q1, q3 = paired["quartiles"]
+                    t_ratios.append(f"{paired['median']:.3f}x [{q1:.3f}-{q3:.3f}]")
+                else:
+                    t_ratios.append(f"{r['time_s'] / base['time_s']:.2f}x")
+                m_ratios.append(f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base["peak_bytes"] > 0 else "-")
+            t_note = f" ({' / '.join(t_ratios)})" if anchors else ""
+            m_note = f" ({' / '.join(m_ratios)})" if anchors else ""
+            cells += [f"{r['time_s'] * 1e3:.1f}{t_note}", f"{r['peak_bytes'] / 2**20:.1f}{m_note}"]
         print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | {row['rare_target_fraction']:.1%} | "
               + " | ".join(cells) + " |")
     if args.json:
