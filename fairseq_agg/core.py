@@ -470,9 +470,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
                 ul_rows, ul_tokens, ul_alpha):
         rows_total, vocab = features.size(0), weight.size(0)
         acc_dtype = torch.promote_types(features.dtype, torch.float32)
-        # float16 gradients summed over a chunk's rows can pass 65504 before any loss scale
-        # applies; their matmuls run in float32. bfloat16 has float32's range.
-        mm_dtype = torch.float32 if features.dtype == torch.float16 else features.dtype
+        mm_dtype = _matmul_dtype(features.dtype, features.device)
+        # float16 holds the logits' gradient only from about 6e-8 up: scaled by a power of two
+        # before the cast (as a loss scale would), unscaled exactly in the float32 results.
+        mm_scale = FLOAT16_GRADIENT_SCALE if mm_dtype == torch.float16 else 1.0
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_features = torch.empty(features.shape, dtype=acc_dtype, device=features.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -480,7 +481,8 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         if gated:
             g1_acc, g2_acc = g1.to(acc_dtype), g2.to(acc_dtype)
             g2_minus_g1 = g2_acc - g1_acc
-        weight_mm = weight.to(mm_dtype) if need_h else None
+        weight_mm = weight.to(mm_dtype)
+        weight_t_mm = weight_mm.t()
         eps_i = epsilon / (vocab - 1)
         loss = torch.zeros((), dtype=acc_dtype, device=features.device)
         nll = torch.zeros_like(loss)
@@ -493,7 +495,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             end = min(start + chunk_rows, rows_total)
             h, y = features[start:end], target[start:end]
             # One (chunk x vocabulary) buffer: logits, then probabilities, then their gradient.
-            probs = h.matmul(weight.t()).to(acc_dtype)
+            probs = _matmul(h.to(mm_dtype), weight_t_mm, acc_dtype)
             valid = (y != ignore_index).to(acc_dtype) if ignore_index is not None else torch.ones_like(y, dtype=acc_dtype)
             logit_y = probs.gather(1, y.unsqueeze(1)).squeeze(1)
             logit_sum = probs.sum(dim=1) if epsilon > 0 else None
@@ -531,7 +533,9 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             if epsilon > 0:
                 grad_logits -= (eps_i * valid).unsqueeze(1)
             if need_h:
-                grad_features[start:end] = grad_logits.to(mm_dtype).matmul(weight_mm)
+                grad_features[start:end] = _matmul(_scaled(grad_logits, mm_dtype, mm_scale), weight_mm, acc_dtype)
+                if mm_scale != 1.0:
+                    grad_features[start:end] /= mm_scale
             if not need_w:
                 continue
             h_mm = h.to(mm_dtype)
@@ -543,11 +547,13 @@ class _ChunkedGatedLoss(torch.autograd.Function):
                 if rows.numel() > 0:
                     d_r, h_r, y_r = grad_logits[rows], h_mm[rows], y[rows]
                     own = (1.0 - g2_acc[y_r]) * d_r.gather(1, y_r.unsqueeze(1)).squeeze(1)
-                    grad_weight.index_add_(0, y_r, (own.unsqueeze(1) * h_r.to(acc_dtype)))
-                    _accumulate_matmul(grad_weight, d_r.mul_(g2_minus_g1).t(), h_r, mm_dtype)
+                    grad_weight.index_add_(0, y_r, (own.unsqueeze(1) * h[rows].to(acc_dtype)))
+                    d_r.mul_(g2_minus_g1)
+                    _matmul(_scaled(d_r, mm_dtype, mm_scale).t(), h_r, acc_dtype, accumulate=grad_weight, alpha=1 / mm_scale)
                     del d_r
                 grad_logits.mul_(g1_acc)
-            _accumulate_matmul(grad_weight, grad_logits.t(), h_mm, mm_dtype)
+            _matmul(_scaled(grad_logits, mm_dtype, mm_scale).t(), h_mm, acc_dtype, accumulate=grad_weight,
+                    alpha=1 / mm_scale)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = (features.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll, ul)
@@ -566,12 +572,61 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         return (grad_features, grad_weight) + (None,) * 10
 
 
-def _accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mm_dtype: torch.dtype) -> None:
-    """out += a @ b, the product in ``mm_dtype`` (the training precision), the sum in out's dtype."""
-    if mm_dtype == out.dtype:
-        out.addmm_(a.to(mm_dtype), b)  # accumulated by the matmul itself
-    else:
-        out += a.to(mm_dtype).matmul(b).to(out.dtype)
+FLOAT16_GRADIENT_SCALE = 2.0 ** 10  # |d loss / d logits| <= 1 + epsilon: far below 65504 scaled
+_FLOAT32_OUTPUT_MATMUL: dict = {}
+
+
+def _float32_output_matmul(device: torch.device) -> bool:
+    """Whether torch multiplies float16/bfloat16 matrices into a float32 result on ``device``
+    (``out_dtype``: CUDA, torch >= 2.8); probed once per device."""
+    if device.type != "cuda":
+        return False
+    key = device.index
+    if key not in _FLOAT32_OUTPUT_MATMUL:
+        try:
+            a = torch.ones(2, 2, device=device, dtype=torch.float16)
+            out = torch.ones(2, 2, device=device)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            _FLOAT32_OUTPUT_MATMUL[key] = bool(torch.equal(out, torch.full_like(out, 3.0)))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FLOAT32_OUTPUT_MATMUL[key] = False
+    return _FLOAT32_OUTPUT_MATMUL[key]
+
+
+def _matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The precision of the chunked path's matmuls. float32 and float64 stay. float16 and
+    bfloat16 stay on CUDA (tensor cores; sums in float32) except float16 without float32-output
+    matmuls, whose product could overflow 65504; on CPU, where torch emulates both, float32."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if device.type != "cuda":
+        return torch.float32
+    if dtype == torch.float16 and not _float32_output_matmul(device):
+        return torch.float32
+    return dtype
+
+
+def _scaled(grad: torch.Tensor, mm_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    return (grad * scale if scale != 1.0 else grad).to(mm_dtype)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, accumulate: Optional[torch.Tensor] = None,
+            alpha: float = 1.0) -> torch.Tensor:
+    """a @ b in a's precision with the result in ``out_dtype``; with ``accumulate``, added into
+    it (times ``alpha``) instead: the product is summed in float32 by the matmul itself where
+    the device allows, so no temporary the size of the result is made."""
+    if a.dtype == out_dtype:
+        if accumulate is None:
+            return a.matmul(b) if alpha == 1.0 else a.matmul(b).mul_(alpha)
+        return accumulate.addmm_(a, b, alpha=alpha)
+    if _float32_output_matmul(a.device) and out_dtype == torch.float32:
+        if accumulate is None:
+            return torch.mm(a, b, out_dtype=out_dtype).mul_(alpha) if alpha != 1.0 else torch.mm(a, b, out_dtype=out_dtype)
+        return torch.addmm(accumulate, a, b, out_dtype=out_dtype, alpha=alpha, out=accumulate)
+    product = a.matmul(b).to(out_dtype)
+    if accumulate is None:
+        return product.mul_(alpha) if alpha != 1.0 else product
+    return accumulate.add_(product, alpha=alpha)
 
 
 def chunked_gated_loss(
