@@ -53,11 +53,12 @@ class AggCrossEntropyConfig(FairseqDataclass):
     agg_study_rare_fraction: float = field(
         default=0.2, metadata={"help": "size of the static rare group of --agg-study, as a fraction of the non-special tokens"}
     )
-    loss_chunk_size: int = field(
-        default=0,
+    loss_chunk_size: Optional[int] = field(
+        default=None,
         metadata={
             "help": "compute the output layer and loss in chunks of this many positions, so that the "
-            "(positions x vocabulary) logits are never held at once (less memory); 0: one logits tensor"
+            "(positions x vocabulary) logits are never held at once; 0: one logits tensor; "
+            "default: chunks of 256 positions or more, picked by shape (leaner and not slower, README)"
         },
     )
     sentence_avg: bool = II("optimization.sentence_avg")
@@ -79,11 +80,13 @@ def output_projection_weight(model) -> torch.Tensor:
     return projection.weight
 
 
-def check_loss_options(label_smoothing: float, loss_chunk_size: int) -> None:
+def check_loss_options(label_smoothing: float, loss_chunk_size: Optional[int]) -> None:
     if not 0.0 <= label_smoothing < 1.0:
         raise AggConfigError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
-    if loss_chunk_size < 0:
-        raise AggConfigError(f"--loss-chunk-size must be >= 0 (0: no chunking), got {loss_chunk_size}")
+    if loss_chunk_size is not None and loss_chunk_size < 0:
+        raise AggConfigError(
+            f"--loss-chunk-size must be >= 0 (0: one logits tensor; leave it out to pick by shape), got {loss_chunk_size}"
+        )
 
 
 def objective(criterion, model, sample, gates, label_smoothing, unlikelihood_alpha, loss_chunk_size,

@@ -1,7 +1,16 @@
 """Token-level unlikelihood training (Welleck et al. 2020): the UL baseline
-``unlikelihood_cross_entropy`` and its AGG-gated twin ``agg_unlikelihood`` (paper Table 4)."""
+``unlikelihood_cross_entropy`` and its AGG-gated twin ``agg_unlikelihood`` (paper Table 4).
+
+The candidates of position t are the distinct earlier targets of the same sequence, without the
+current target and without padding (``core.unlikelihood_candidates``). This departs from the
+original code (``candidate_penalty_cross_entropy`` of Welleck et al.) in three ways, each a fix:
+its candidates come from the whole flattened batch (earlier sequences leak into later ones), its
+padding positions get the unlikelihood term too, and its candidate matrix holds the padding index
+in every row, which adds -log(1 - p_pad) at every position (tests/test_unlikelihood.py,
+tests/test_unlikelihood_original.py)."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
@@ -44,8 +53,10 @@ def _reduce_metrics(logging_outputs) -> None:
 class UnlikelihoodCrossEntropyConfig(FairseqDataclass):
     unlikelihood_alpha: float = _unlikelihood_alpha_field()
     label_smoothing: float = field(default=0.0, metadata={"help": "epsilon for label smoothing of the MLE term"})
-    loss_chunk_size: int = field(
-        default=0, metadata={"help": "as for agg_cross_entropy: positions per output-layer chunk, 0 for none"}
+    loss_chunk_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "as for agg_cross_entropy: positions per output-layer chunk, 0 for one logits tensor, "
+                          "default picked by shape"},
     )
     sentence_avg: bool = II("optimization.sentence_avg")
 
