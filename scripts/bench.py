@@ -239,7 +239,8 @@ def run_config(args, vocab, tokens, device, dtype):
         "fairseq_ce": lambda: fairseq_ce_loss(model, sample, criterion),
         "naive_3logit": lambda: naive_three_logit_loss(model, sample, gates, pad),
         "agg": lambda: agg_loss(model, sample, gates, pad, 0, bookkeeping),
-        "agg_chunked": lambda: agg_loss(model, sample, gates, pad, args.chunk, bookkeeping),
+        "agg_chunked": lambda: agg_loss(model, sample, gates, pad, None if args.chunk == "auto" else int(args.chunk),
+                                        bookkeeping),
         "torch_lce": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=False),
         "torch_lce_chunked": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=True),
     }
@@ -258,8 +259,9 @@ def run_config(args, vocab, tokens, device, dtype):
     for name, r in results.items():
         print(f"  {name:<13} {r.get('time_s', float('nan')) * 1e3:9.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB",
               file=sys.stderr, flush=True)
+    chunk_rows = core.auto_chunk_rows(tokens, vocab, args.dim) if args.chunk == "auto" else int(args.chunk)
     return {"vocab": vocab, "tokens": tokens, "rare_tokens": gates.num_rare, "rare_target_fraction": rare_rows,
-            "methods": results}
+            "agg_chunk_rows": chunk_rows, "methods": results}
 
 
 def memory_in_child(args, vocab, tokens):
@@ -291,7 +293,8 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=0.03,
                         help="AGG alpha for the counter fed with --tokens per update (sets how many tokens are rare)")
     parser.add_argument("--window", type=int, default=20, help="updates fed to the counter before measuring")
-    parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk of agg_chunked")
+    parser.add_argument("--chunk", default="auto",
+                        help="rows per chunk of agg_chunked; auto (default): as the criteria pick it by shape")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--naive-steps", type=int, default=3,
                         help="timed steps of the naive three-logit form, in rounds of its own (default: %(default)s)")
