@@ -13,6 +13,7 @@ from omegaconf import II
 
 from fairseq_agg import core
 from fairseq_agg.errors import AggConfigError
+from fairseq_agg.modeling import output_projection_weight  # noqa: F401  (also imported from here)
 
 STUDY_MODES = ["none", "freeze", "detach_b", "detach_c", "detach_bc"]
 # (g1, g2) on the static rare group: part (b) is gated by g1, part (c) by g2.
@@ -64,22 +65,6 @@ class AggCrossEntropyConfig(FairseqDataclass):
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
-def output_projection_weight(model) -> torch.Tensor:
-    """The W of logits = h W^T, refusing output layers that AGG's gradient split does not cover."""
-    decoder = getattr(model, "decoder", None)
-    if decoder is None:
-        raise AggConfigError("agg criteria need a fairseq model with a decoder")
-    if getattr(decoder, "adaptive_softmax", None) is not None:
-        raise AggConfigError("agg criteria do not support --adaptive-softmax-cutoff: AGG needs a full softmax over W")
-    projection = getattr(decoder, "output_projection", None)
-    if not isinstance(projection, torch.nn.Linear) or projection.bias is not None:
-        raise AggConfigError(
-            "agg criteria need decoder.output_projection to be a bias-free nn.Linear "
-            "(fairseq's transformer_lm_* and transformer_* architectures)"
-        )
-    return projection.weight
-
-
 def check_loss_options(label_smoothing: float, loss_chunk_size: Optional[int]) -> None:
     if not 0.0 <= label_smoothing < 1.0:
         raise AggConfigError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
@@ -121,9 +106,7 @@ class AggCriterionBase(FairseqCriterion):
 
     def __init__(self, task, cfg: AggCrossEntropyConfig):
         super().__init__(task)
-        from fairseq_agg.tasks.agg_task import AggTaskMixin
-
-        if not isinstance(task, AggTaskMixin):
+        if not hasattr(task, "configure_agg"):  # the AGG tasks' mixin, without importing the tasks
             raise AggConfigError(
                 f"criterion {self.criterion_name()} needs a task that feeds its token counter: use "
                 f"--task language_modeling_agg for language modelling or --task translation_agg for "

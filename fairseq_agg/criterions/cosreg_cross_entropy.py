@@ -29,10 +29,10 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_agg import core
-from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.criterions.unlikelihood import log_unlikelihood_metric
 from fairseq_agg.remedies import mean_pairwise_cosine
 from fairseq_agg.errors import AggConfigError
+from fairseq_agg.modeling import output_projection_weight
 
 
 @dataclass

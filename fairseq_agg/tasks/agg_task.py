@@ -13,8 +13,8 @@ from fairseq.logging import metrics
 from fairseq_agg.core import TokenCounter
 from fairseq_agg.errors import AggConfigError
 from fairseq_agg.fairseq_fixes import LEGACY_COUNTER_KEY
-from fairseq_agg.criterions.agg_cross_entropy import output_projection_weight
 from fairseq_agg.isotropy import isotropy
+from fairseq_agg.modeling import output_embedding, unwrap
 from fairseq_agg.optim.coupled_adam import mark_embedding_parameters
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class AggTaskMixin:
             # Once per validation (its first batch, on every worker alike, so that the logging
             # outputs keep the same keys everywhere): the weights change only between updates.
             self._isotropy_due = False
-            weight = _output_embedding(model)
+            weight = output_embedding(model)
             if weight is not None:
                 logging_output["isotropy"] = isotropy(weight)
                 logging_output["isotropy_logs"] = 1
@@ -194,23 +194,9 @@ class AggTaskMixin:
                 "weights (--fp16, --bf16); train the study in fp32 or with --memory-efficient-fp16 "
                 "or --memory-efficient-bf16"
             )
-        decoder = _unwrap(model).decoder
+        decoder = unwrap(model).decoder
         weights = (decoder.embed_tokens.weight, decoder.output_projection.weight)
         return list({id(w): w for w in weights}.values())
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):  # fairseq's data-parallel wrappers
-        model = model.module
-    return model
-
-
-def _output_embedding(model) -> Optional[torch.Tensor]:
-    """W of logits = h W^T, or None for output layers without one (adaptive softmax)."""
-    try:
-        return output_projection_weight(_unwrap(model))
-    except ValueError:
-        return None
 
 
 def _starts_update(model) -> bool:
