@@ -25,7 +25,11 @@ setup(
         "subword-nmt",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # fairseq_agg.hf (AggTrainer); tested with transformers 5.24 and accelerate 1.15
+        "hf": ["transformers>=5.0", "accelerate>=0.26"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-agg-demo = fairseq_agg.demo:main",

@@ -1,0 +1,275 @@
+"""Adaptive Gradient Gating for any PyTorch training loop (no fairseq, no transformers).
+
+::
+
+    from fairseq_agg.training import AdaptiveGradientGating
+
+    agg = AdaptiveGradientGating(vocab_size, alpha=0.03)
+    for batch in loader:                      # (gradient accumulation: several loss() calls)
+        hidden = model.features(batch.x)      # (..., d): the input of the output layer
+        loss = agg.loss(hidden, model.lm_head.weight, batch.y)   # y aligned with hidden, -100 ignored
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+        agg.step()                            # closes the update: commits (and all-reduces) the counts
+
+``loss`` returns the cross-entropy of ``hidden @ weight.T`` (label smoothing as
+``torch.nn.functional.cross_entropy(..., label_smoothing=eps)`` and Hugging Face's Trainer
+define it), the same value and the same gradient for ``hidden`` and everything below it; only
+the gradient that ``weight`` receives through this output projection is gated, exactly as the
+fairseq criterion ``agg_cross_entropy`` gates it (README, "Exact semantics"). The math is
+:func:`fairseq_agg.core.gated_loss`; the counter is :class:`fairseq_agg.core.TokenCounter`.
+
+Counting: every ``loss`` call under grad mode on a module in training mode (``agg.train()``,
+the default) adds its non-ignored labels to the pending update; under ``torch.no_grad()`` or
+after ``agg.eval()`` nothing is counted. ``step`` closes one optimizer update: with
+``torch.distributed`` initialized it sums the pending counts over the default process group, so
+every rank holds the same counter and computes the same gates. The gates used by ``loss``
+depend only on completed updates.
+"""
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fairseq_agg import core
+from fairseq_agg.errors import AggConfigError
+
+__all__ = ["AdaptiveGradientGating", "check_options"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_positive(name: str, value: Optional[int], what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AggConfigError(f"AGG {name} must be a positive number of {what} (or None), got {value!r}")
+
+
+def check_options(
+    alpha: float = 0.03,
+    window: Optional[int] = None,
+    nspecial: int = 0,
+    label_smoothing: float = 0.0,
+    static_after: Optional[int] = None,
+    chunk_size: int = 0,
+) -> None:
+    """Refuses AGG options outside their range with one :class:`AggConfigError` line."""
+    try:
+        alpha_ok = not isinstance(alpha, bool) and 0.0 < float(alpha) <= 1.0
+    except (TypeError, ValueError):
+        alpha_ok = False
+    if not alpha_ok:
+        raise AggConfigError(f"AGG alpha must lie in (0, 1], got {alpha!r}")
+    _check_positive("window", window, "updates")
+    _check_positive("static_after", static_after, "updates")
+    if isinstance(nspecial, bool) or not isinstance(nspecial, int) or nspecial < 0:
+        raise AggConfigError(f"AGG nspecial must be an integer >= 0, got {nspecial!r}")
+    try:
+        smoothing_ok = not isinstance(label_smoothing, bool) and 0.0 <= float(label_smoothing) < 1.0
+    except (TypeError, ValueError):
+        smoothing_ok = False
+    if not smoothing_ok:
+        raise AggConfigError(f"AGG label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise AggConfigError(f"AGG chunk_size must be an integer >= 0 (0: no chunking), got {chunk_size!r}")
+
+
+def _sum_over_processes(pending: torch.Tensor) -> torch.Tensor:
+    """Sums ``pending`` over the default process group (a no-op without one)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return pending
+    tensor = pending
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        # A rank that never counted holds its counter on the CPU; NCCL needs a CUDA tensor.
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.to(pending.device)
+
+
+class AdaptiveGradientGating(nn.Module):
+    """The AGG loss and its token counter for a plain PyTorch loop.
+
+    Args:
+        vocab_size: rows of the output embedding (the model's vocabulary, padding rows included).
+        alpha: token k is rare when its average count per update over the window is below alpha;
+            in (0, 1].
+        window: K, the number of completed updates the counter remembers; None: unbounded until
+            :meth:`set_window` (the paper's K is one epoch of updates).
+        nspecial: the first ``nspecial`` ids are never rare (fairseq's bos, pad, eos, unk).
+        ignore_index: label value that is neither a target nor counted (default -100).
+        label_smoothing: epsilon as in ``F.cross_entropy(label_smoothing=...)``, in [0, 1).
+        no_g1, no_g2: ablations (gate g1 / g2 held at 1).
+        static_after: ablation: the rare group and its gates stop changing after this many updates.
+        chunk_size: > 0: the output layer and loss run over chunks of this many positions, so the
+            (positions x vocabulary) logits are never held at once; 0: one logits tensor.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        alpha: float = 0.03,
+        window: Optional[int] = None,
+        nspecial: int = 0,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        no_g1: bool = False,
+        no_g2: bool = False,
+        static_after: Optional[int] = None,
+        chunk_size: int = 0,
+    ):
+        super().__init__()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise AggConfigError(f"AGG vocab_size must be an integer >= 2, got {vocab_size!r}")
+        check_options(alpha=alpha, window=window, nspecial=nspecial, label_smoothing=label_smoothing,
+                      static_after=static_after, chunk_size=chunk_size)
+        if nspecial >= vocab_size:
+            raise AggConfigError(f"AGG nspecial must be smaller than vocab_size={vocab_size}, got {nspecial}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < vocab_size:
+            raise AggConfigError(
+                f"AGG ignore_index must be an integer outside the vocabulary [0, {vocab_size}) (such as -100), "
+                f"got {ignore_index!r}"
+            )
+        self.vocab_size = vocab_size
+        self.alpha = float(alpha)
+        self.nspecial = nspecial
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.no_g1 = bool(no_g1)
+        self.no_g2 = bool(no_g2)
+        self.chunk_size = chunk_size
+        self.counter = core.TokenCounter(vocab_size, nspecial, window)
+        self.counter.freeze_after = static_after
+        self._gates_cache = (None, None)  # (counter version, Gates)
+
+    def extra_repr(self) -> str:
+        return (
+            f"vocab_size={self.vocab_size}, alpha={self.alpha}, window={self.window}, nspecial={self.nspecial}, "
+            f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}"
+        )
+
+    # -- the counter ------------------------------------------------------------------
+    @property
+    def window(self) -> Optional[int]:
+        return self.counter.window
+
+    def set_window(self, window: int) -> None:
+        """Fixes K, the number of completed updates the counter remembers."""
+        if window is None:
+            raise AggConfigError("AGG window must be a positive number of updates, got None")
+        _check_positive("window", window, "updates")
+        self.counter.set_window(window)
+
+    @property
+    def num_updates(self) -> int:
+        """Completed updates (calls of :meth:`step`)."""
+        return self.counter.num_updates
+
+    def gates(self) -> core.Gates:
+        """The gates that the next :meth:`loss` applies (from completed updates only)."""
+        version, gates = self._gates_cache
+        if version != self.counter.version:
+            gates = core.compute_gates(
+                self.counter.average(), self.alpha, self.nspecial, use_g1=not self.no_g1, use_g2=not self.no_g2
+            )
+            self._gates_cache = (self.counter.version, gates)
+        return gates
+
+    @property
+    def num_rare(self) -> int:
+        """Size of the rare group that the next :meth:`loss` gates."""
+        return self.gates().num_rare
+
+    def step(self) -> None:
+        """Closes one optimizer update (call it right after ``optimizer.step()``)."""
+        self.counter.commit(all_reduce=_sum_over_processes)
+
+    def discard_pending(self) -> None:
+        """Forgets the counts of the open update (for an update whose gradients are thrown away)."""
+        self.counter.discard_pending()
+
+    # -- the loss ---------------------------------------------------------------------
+    def loss(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """(Label-smoothed) cross-entropy of ``hidden @ weight.T`` against ``labels``.
+
+        hidden (..., d), weight (V, d) (the output embedding of a bias-free head), labels (...)
+        aligned with hidden (for a causal LM the caller shifts: ``hidden[:, :-1]``,
+        ``labels[:, 1:]``). ``reduction="mean"`` averages over the non-ignored labels (0 when there
+        are none), ``"sum"`` sums. The gradient of ``weight`` through this projection is gated
+        by AGG; everything else is plain cross-entropy.
+        """
+        if reduction not in _REDUCTIONS:
+            raise AggConfigError(f"AGG loss reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+        if weight.dim() != 2 or weight.size(0) != self.vocab_size:
+            raise AggConfigError(
+                f"AGG output embedding must have shape (vocab_size={self.vocab_size}, d), got {tuple(weight.shape)}"
+            )
+        if hidden.dim() < 1 or hidden.size(-1) != weight.size(1):
+            raise AggConfigError(
+                f"AGG hidden states must have shape (..., d={weight.size(1)}), got {tuple(hidden.shape)}"
+            )
+        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise AggConfigError(
+                f"AGG labels of shape {tuple(labels.shape)} do not align with hidden states of shape "
+                f"{tuple(hidden.shape)} (labels must have the shape hidden.shape[:-1]; shift them for a causal LM)"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise AggConfigError(f"AGG labels must be integer token ids, got {labels.dtype}")
+        flat_labels = labels.reshape(-1).long()
+        flat_hidden = hidden.reshape(-1, hidden.size(-1))
+        # Ignored positions are dropped: they add nothing to the loss or to any gradient.
+        keep = (flat_labels != self.ignore_index).nonzero().squeeze(1)
+        targets = flat_labels.index_select(0, keep)
+        if targets.device.type == "cpu" and targets.numel() > 0:
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise AggConfigError(
+                    f"AGG label {bad} lies outside the vocabulary [0, {self.vocab_size}) and is not "
+                    f"ignore_index={self.ignore_index}"
+                )
+        features = flat_hidden.index_select(0, keep)
+        grad = torch.is_grad_enabled()
+        if grad and self.training:
+            self.counter.add(targets)
+        gates = self.gates() if grad else None
+        # F.cross_entropy's epsilon spreads eps/V over every class; core's (fairseq's) eps'/(V-1)
+        # over the non-targets: the same loss for eps' = eps (V-1)/V.
+        epsilon = self.label_smoothing * (self.vocab_size - 1) / self.vocab_size
+        total, _, _ = core.gated_loss(
+            features, weight, targets.view(1, -1), gates,
+            ignore_index=None, label_smoothing=epsilon, chunk_rows=self.chunk_size,
+        )
+        if reduction == "sum":
+            return total
+        return total / max(int(targets.numel()), 1)
+
+    forward = loss
+
+    # -- checkpointing ------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return self.counter.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "vocab_size" not in state:
+            raise AggConfigError("AGG state is not a token-counter state (expected the dict agg.state_dict() returns)")
+        if int(state["vocab_size"]) != self.vocab_size:
+            raise AggConfigError(
+                f"AGG counter state covers a vocabulary of {int(state['vocab_size'])} tokens but this "
+                f"AdaptiveGradientGating has {self.vocab_size}: it was saved for another model or tokenizer"
+            )
+        self.counter.load_state_dict(state)
+        self._gates_cache = (None, None)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Restores the counter from :meth:`state_dict` (or from a bare counter state)."""
+        if isinstance(state_dict, dict) and "vocab_size" in state_dict:
+            state_dict = OrderedDict(_extra_state=state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

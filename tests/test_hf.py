@@ -1,0 +1,383 @@
+"""``fairseq_agg.hf.AggTrainer`` (issue 14, criteria 1, 2, 3 and 6) on tiny GPT-2 models built
+from a config (no download), float64, dropout 0, on CPU.
+
+1. Every parameter's gradient in every update equals the paper's three-logit formulation
+   (``tests/_agg_oracle.py``) with gates recomputed here from the labels of the completed
+   updates (window K), for tied and untied heads, with and without label smoothing.
+2. Gradient accumulation 2 equals one batch holding the same examples (gates, counter,
+   parameters); evaluation and prediction in the middle of training change nothing.
+3. Resuming from a Trainer checkpoint is bit-identical to an uninterrupted run, counter included.
+6. Models AGG cannot serve and bad options are refused with one line each.
+
+Two processes against one with accumulation: ``tests/test_hf_ddp.py``.
+"""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("transformers") is None:  # pragma: no cover - CI installs the hf extra
+    pytest.skip("transformers is not installed (pip install -e '.[hf]')", allow_module_level=True)
+
+from fairseq_agg.hf import AGG_COUNTER_NAME, AggArguments, AggTrainer  # noqa: E402  (before transformers' models)
+from fairseq_agg.errors import AggConfigError  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, TrainerCallback, TrainingArguments  # noqa: E402
+
+from _agg_oracle import (  # noqa: E402
+    IGNORE, assert_grads_match, named_grads, reference_gates, shifted_targets, three_logit_loss, zipf_tokens,
+)
+
+V, T, N_EXAMPLES = 48, 10, 24
+ALPHA, WINDOW = 0.9, 3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, ids, labels):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self):
+        return self.ids.size(0)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def dataset(n=N_EXAMPLES, seed=5):
+    return ListDataset(*zipf_tokens(n, T, V, seed))
+
+
+def tiny_config(tied=True, vocab=V):
+    return GPT2Config(
+        vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=tied, use_cache=False,
+    )
+
+
+def tiny_gpt2(tied=True, seed=0):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_config(tied)).to(torch.float64)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    return model
+
+
+def training_args(out, **overrides):
+    args = dict(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=6,
+        learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        report_to="none", save_strategy="no", use_cpu=True, seed=1, logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return TrainingArguments(**args)
+
+
+class Recording(AggTrainer):
+    """Keeps every training micro-batch, to rebuild each update independently."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_batches = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.micro_batches.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class GradRecorder(TrainerCallback):
+    """Each update's gradients and the parameters they were computed at (before the step)."""
+
+    def __init__(self):
+        self.updates = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.updates.append((named_grads(model), params))
+
+
+def counter_state(trainer):
+    return trainer.agg.state_dict()["_extra_state"]
+
+
+def same_counter(a, b):
+    sa, sb = counter_state(a), counter_state(b)
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+
+
+# -- 1. gradients ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied, eps, chunk", [
+    (True, 0.0, 0), (True, 0.1, 0), (False, 0.0, 0), (False, 0.1, 0), (False, 0.1, 5),
+], ids=["tied-ce", "tied-ls0.1", "untied-ce", "untied-ls0.1", "untied-ls0.1-chunked"])
+def test_gradients_equal_three_logit_formulation(tmp_path, tied, eps, chunk):
+    recorder = GradRecorder()
+    trainer = Recording(
+        model=tiny_gpt2(tied), args=training_args(tmp_path, label_smoothing_factor=eps), train_dataset=dataset(),
+        callbacks=[recorder], agg_alpha=ALPHA, agg_window=WINDOW, agg_chunk_size=chunk,
+    )
+    trainer.train()
+    assert len(recorder.updates) == 6 and len(trainer.micro_batches) == 6
+
+    history, gated_somewhere = [], False
+    for u, (grads, params) in enumerate(recorder.updates):
+        micro = [trainer.micro_batches[u]]
+        rare, g1, g2 = reference_gates(history, V, ALPHA, WINDOW)
+        oracle = tiny_gpt2(tied)
+        oracle.load_state_dict(params)
+        n = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        for b in micro:
+            h = oracle.transformer(input_ids=b["input_ids"]).last_hidden_state[:, :-1].reshape(-1, 16)
+            y = b["labels"][:, 1:].reshape(-1)
+            (three_logit_loss(h, oracle.lm_head.weight, y, rare, g1, g2, eps) / n).backward()
+        assert_grads_match(grads, named_grads(oracle), f"update {u + 1}")
+        if 0 < int(rare.sum()) < V:
+            plain = tiny_gpt2(tied)
+            plain.load_state_dict(params)
+            for b in micro:
+                logits = plain(input_ids=b["input_ids"]).logits[:, :-1]
+                F.cross_entropy(logits.reshape(-1, V), b["labels"][:, 1:].reshape(-1), label_smoothing=eps,
+                                reduction="sum").div(n).backward()
+            gated_somewhere |= bool((plain.lm_head.weight.grad - oracle.lm_head.weight.grad).abs().max() > 1e-4)
+        history.append(shifted_targets([b["labels"] for b in micro]))
+    assert gated_somewhere
+    rare, _, _ = reference_gates(history, V, ALPHA, WINDOW)
+    assert torch.equal(trainer.agg.gates().rare.cpu(), rare)
+    assert trainer.agg.num_updates == 6
+    # agg_rare reaches the Trainer's logs (what TensorBoard / W&B receive).
+    logged = [entry["agg_rare"] for entry in trainer.state.log_history if "agg_rare" in entry]
+    assert len(logged) == 6 and logged[0] == V  # before any completed update every token is rare
+
+
+def test_loss_value_is_the_stock_trainer_loss(tmp_path):
+    """Label-smoothed with the Trainer's own definition; the model's own loss without smoothing."""
+    data = dataset(4)
+    batch = {"input_ids": data.ids, "labels": data.labels}
+    for eps in (0.0, 0.1):
+        model = tiny_gpt2(tied=False)
+        trainer = AggTrainer(model=model, args=training_args(tmp_path, label_smoothing_factor=eps), agg_alpha=ALPHA)
+        got = trainer.compute_loss(model, dict(batch))
+        logits = model(input_ids=data.ids).logits[:, :-1]
+        want = F.cross_entropy(logits.reshape(-1, V), data.labels[:, 1:].reshape(-1), label_smoothing=eps)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if eps == 0.0:  # transformers' own loss runs in float32 whatever the model's dtype
+            torch.testing.assert_close(got, model(**batch).loss.double(), rtol=1e-6, atol=1e-6)
+
+
+# -- 2. accumulation and evaluation ---------------------------------------------------------------
+class EvalEveryStep(TrainerCallback):
+    """predict() (with logits) after every update, besides the Trainer's evaluation."""
+
+    def __init__(self):
+        self.trainer = None
+        self.predictions = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        out = self.trainer.predict(dataset(4, seed=9))
+        assert out.predictions.shape == (4, T, V)
+        self.predictions += 1
+
+
+def test_accumulation_equals_one_batch_and_evaluation_changes_nothing(tmp_path):
+    data = dataset()
+    one = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "one"), train_dataset=data,
+                     agg_alpha=ALPHA, agg_window=WINDOW)
+    one.train()
+    two = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "two", per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2), train_dataset=data, agg_alpha=ALPHA, agg_window=WINDOW)
+    two.train()
+    predictor = EvalEveryStep()
+    evaluated = AggTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "eval", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3),
+        train_dataset=data, eval_dataset=dataset(6, seed=7), callbacks=[predictor],
+        agg_args=AggArguments(agg_alpha=ALPHA, agg_window=WINDOW),
+    )
+    predictor.trainer = evaluated
+    evaluated.train()
+    assert predictor.predictions == 6
+    assert sum("eval_loss" in e for e in evaluated.state.log_history) == 6
+
+    assert same_counter(one, two) and same_counter(two, evaluated)
+    assert two.agg.num_updates == evaluated.agg.num_updates == 6
+    assert torch.equal(one.agg.gates().g1, two.agg.gates().g1) and torch.equal(one.agg.gates().g2, two.agg.gates().g2)
+    for (name, p1), (_, p2), (_, p3) in zip(one.model.named_parameters(), two.model.named_parameters(),
+                                             evaluated.model.named_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(p2, p3), name
+    evaluated.evaluate()
+    assert same_counter(two, evaluated) and int(evaluated.agg.counter.pending.sum()) == 0
+
+
+def test_default_window_is_one_epoch(tmp_path):
+    trainer = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=-1, num_train_epochs=1,
+                         gradient_accumulation_steps=2, per_device_train_batch_size=2), train_dataset=dataset(),
+                         agg_alpha=ALPHA)
+    trainer.train()
+    assert trainer.agg.window == 6  # 24 examples / (2 x 2) per optimizer step
+    assert trainer.agg.num_updates == 6
+
+
+# -- 3. resume -----------------------------------------------------------------------------------
+def test_resume_is_bit_identical(tmp_path):
+    data = dataset()
+    # 8 steps over 2 epochs of 6: the default window (one epoch) trims, the resume is mid-epoch.
+    common = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=5e-3, lr_scheduler_type="linear")
+    full = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "full", **common), train_dataset=data,
+                      agg_alpha=ALPHA)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / AGG_COUNTER_NAME).is_file()
+    saved = torch.load(checkpoint / AGG_COUNTER_NAME, weights_only=True)["_extra_state"]
+    assert saved["num_updates"] == 4 and saved["window"] == 6
+
+    resumed = AggTrainer(model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common),
+                         train_dataset=data, agg_alpha=ALPHA)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.agg.window == 6
+    assert same_counter(full, resumed)
+    for (name, p1), (_, p2) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p1, p2), name
+    # resume_from_checkpoint=True finds the last checkpoint of output_dir.
+    shutil.copytree(checkpoint, tmp_path / "auto" / "checkpoint-4")
+    again = AggTrainer(model=tiny_gpt2(seed=7), args=training_args(tmp_path / "auto", **common), train_dataset=data,
+                       agg_alpha=ALPHA)
+    again.train(resume_from_checkpoint=True)
+    assert same_counter(full, again)
+
+
+# -- other architectures ---------------------------------------------------------------------------
+def _other_models():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    return [
+        ("llama-untied", LlamaForCausalLM, LlamaConfig(**small, num_key_value_heads=1, tie_word_embeddings=False)),
+        ("qwen2-tied", Qwen2ForCausalLM, Qwen2Config(**small, num_key_value_heads=1, tie_word_embeddings=True)),
+        ("gpt-neox", GPTNeoXForCausalLM, GPTNeoXConfig(**small, tie_word_embeddings=False)),
+    ]
+
+
+def test_llama_qwen2_and_gpt_neox(tmp_path):
+    data = dataset(8)
+    for name, cls, config in _other_models():
+        torch.manual_seed(0)
+        model = cls(config).to(torch.float64)
+        trainer = AggTrainer(model=model, args=training_args(tmp_path / name, max_steps=2), train_dataset=data,
+                             agg_alpha=ALPHA)
+        batch = {"input_ids": data.ids[:4], "labels": data.labels[:4]}
+        with torch.no_grad():
+            torch.testing.assert_close(trainer.compute_loss(model.eval(), dict(batch)), model(**batch).loss.double(),
+                                       rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        model.train()
+        trainer.train()
+        assert trainer.agg.num_updates == 2, name
+
+
+# -- 6. refusals ---------------------------------------------------------------------------------
+def _one_line(excinfo, *words):
+    message = str(excinfo.value)
+    assert "\n" not in message and message.strip(), message
+    for word in words:
+        assert word in message, message
+
+
+def test_models_it_cannot_serve_are_refused(tmp_path):
+    biased = tiny_gpt2(tied=False)
+    biased.lm_head = torch.nn.Linear(16, V, bias=True)
+    with pytest.raises(AggConfigError) as excinfo:
+        AggTrainer(model=biased, args=training_args(tmp_path))
+    _one_line(excinfo, "bias", "GPT2LMHeadModel")
+    torch.manual_seed(0)
+    with pytest.raises(AggConfigError) as excinfo:
+        AggTrainer(model=GPT2Model(tiny_config()), args=training_args(tmp_path))
+    _one_line(excinfo, "GPT2Model", "output head")
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"agg_alpha": 0.0}, ("alpha", "(0, 1]")),
+    ({"agg_alpha": 1.01}, ("alpha", "(0, 1]")),
+    ({"agg_window": 0}, ("window",)),
+    ({"agg_window": -2}, ("window",)),
+])
+def test_bad_options_are_refused(tmp_path, options, words):
+    with pytest.raises(AggConfigError) as excinfo:
+        AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path), **options)
+    _one_line(excinfo, *words)
+    with pytest.raises(AggConfigError) as excinfo:
+        AggArguments(**options)
+    _one_line(excinfo, *words)
+
+
+def test_counter_of_another_vocabulary_is_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    torch.save({"_extra_state": {**counter_state(AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path))),
+                                 "vocab_size": V + 2}}, checkpoint / AGG_COUNTER_NAME)
+    trainer = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path))
+    with pytest.raises(AggConfigError) as excinfo:
+        trainer.load_agg_counter(str(checkpoint))
+    _one_line(excinfo, str(V + 2), str(V), "vocabulary")
+    with pytest.raises(AggConfigError) as excinfo:
+        AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path), agg_args=AggArguments(), agg_alpha=0.1)
+    _one_line(excinfo, "agg_args")
+
+
+def test_hf_arguments_parse_next_to_training_arguments(tmp_path):
+    from transformers import HfArgumentParser
+
+    training, agg = HfArgumentParser((TrainingArguments, AggArguments)).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--agg_alpha", "0.05", "--agg_window", "7", "--use_cpu", "true"]
+    )
+    assert agg.agg_alpha == 0.05 and agg.agg_window == 7
+    json.dumps(agg.__dict__)
+
+
+# -- the logits ----------------------------------------------------------------------------------
+def _vocab_tensor_shapes(trainer, model, batch, vocab):
+    """Shapes of every tensor with a last dimension ``vocab`` that forward and backward produce."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dim() >= 2 and t.shape[-1] == vocab:
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Spy():
+        trainer.compute_loss(model, dict(batch)).backward()
+    return shapes
+
+
+def test_full_logits_are_never_built(tmp_path):
+    data = dataset(4)
+    batch = {"input_ids": data.ids, "labels": data.labels}
+    rows = int((data.labels[:, 1:] != IGNORE).sum())
+    vocab = 53  # no other dimension of the model has this size
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config(tied=False, vocab=vocab)).to(torch.float64)
+    one_pass = _vocab_tensor_shapes(AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA),
+                                    model, batch, vocab)
+    assert (rows, vocab) in one_pass  # the spy sees the loss's one logits tensor...
+    assert not [s for s in one_pass if len(s) == 3]  # ...and never the model's (batch, length, V) logits
+    chunked = _vocab_tensor_shapes(AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA,
+                                              agg_chunk_size=5), model, batch, vocab)
+    rows_of_logits = [s[0] for s in chunked if s != (16, vocab)]  # (d, V): W^T, not logits
+    assert rows_of_logits and max(rows_of_logits) <= 5, chunked  # chunks of 5 positions only
+    # The stock loss, for contrast: the spy does see the model's logits there.
+    class Stock(AggTrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            return model(**inputs).loss
+
+    stock = _vocab_tensor_shapes(Stock(model=model, args=training_args(tmp_path), agg_alpha=ALPHA), model, batch, vocab)
+    assert (4, T, vocab) in stock

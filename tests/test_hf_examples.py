@@ -1,0 +1,66 @@
+"""Smoke runs (seconds) of ``examples/nanogpt_agg.py``, ``examples/hf_agg.py`` and
+``fairseq_agg.hf_demo`` with tiny settings."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed (pip install -e '.[hf]')")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nanogpt_example(capsys):
+    result = _load("nanogpt_agg").main(["--steps", "6", "--lines", "60", "--block", "32", "--batch", "4"])
+    assert result["rare"] is not None and result["valid_ppl"] > 1 and 0 < result["I(W)"] <= 1
+    assert "AGG: valid perplexity" in capsys.readouterr().out
+
+
+@needs_transformers
+@pytest.mark.usefixtures("one_thread")
+def test_hf_example(tmp_path):
+    trainer = _load("hf_agg").main(["--output_dir", str(tmp_path), "--max_steps", "2", "--lines", "30",
+                                    "--block-size", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1"])
+    assert trainer.agg.num_updates == 2 and trainer.agg.vocab_size == 50257
+    assert any("agg_rare" in entry for entry in trainer.state.log_history)
+
+
+TINY = ["--max-steps", "3", "--train-lines", "80", "--eval-lines", "20", "--block-size", "32", "--batch-size", "2",
+        "--embed-dim", "16", "--layers", "1"]
+
+
+@needs_transformers
+def test_hf_demo_word_level_in_two_processes(tmp_path, capsys):
+    from fairseq_agg.hf_demo import run_hf_demo
+
+    results = run_hf_demo([*TINY, "--jobs", "2", "--workdir", str(tmp_path)])
+    assert set(results["runs"]) == {"mle", "agg"}
+    for name, run in results["runs"].items():
+        assert run["num_updates"] == 3 and run["valid_ppl"] > 1 and 0 < run["I(W)"] <= 1, name
+    assert results["runs"]["mle"]["rare_group_size"] is None and results["runs"]["agg"]["rare_group_size"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
+    out = capsys.readouterr().out
+    for row in ("valid perplexity", "test perplexity", "I(W) all tokens", "AGG rare group at end", "train seconds"):
+        assert row in out
+
+
+@needs_transformers
+@pytest.mark.usefixtures("one_thread")
+def test_hf_demo_gpt2_bpe(tmp_path):
+    from fairseq_agg.hf_demo import main, run_hf_demo
+
+    results = run_hf_demo([*TINY, "--tokenizer", "gpt2-bpe", "--jobs", "1", "--workdir", str(tmp_path)])
+    mle, agg = results["runs"]["mle"], results["runs"]["agg"]
+    assert mle["vocab_size"] == agg["vocab_size"] < 50257  # BPE ids of the train lines, renumbered
+    assert mle["num_updates"] == agg["num_updates"] == 3 and agg["rare_group_size"] > 0
+    assert main([*TINY, "--jobs", "1", "--workdir", str(tmp_path), "--runs", "agg"]) == 0
