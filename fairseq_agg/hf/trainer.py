@@ -44,6 +44,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from fairseq_agg.errors import AggConfigError
+from fairseq_agg.modeling import unwrap
 from fairseq_agg.training import AdaptiveGradientGating, check_options
 
 logger = logging.getLogger(__name__)
@@ -99,15 +100,9 @@ class AggArguments:
 _AGG_FIELDS = frozenset(f.name for f in fields(AggArguments))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel, accelerate wrappers
-        model = model.module
-    return model
-
-
 def output_head(model: nn.Module) -> nn.Linear:
     """The model's output head, refusing models that AGG's loss cannot serve (one line each)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     name = type(model).__name__
     getter = getattr(model, "get_output_embeddings", None)
     head = None
@@ -282,7 +277,7 @@ class AggTrainer(Trainer):
         with _head_replaced(head, agg_head):
             outputs = model(**inputs)
         if "loss" not in slot:
-            raise AggConfigError(f"AggTrainer: {type(_unwrap(model)).__name__} did not call its output head")
+            raise AggConfigError(f"AggTrainer: {type(unwrap(model)).__name__} did not call its output head")
         total = slot["loss"]
         if num_items_in_batch is None:
             local = _aligned_labels({"labels": labels, "shift_labels": shift_labels}).ne(IGNORE_INDEX).sum()
