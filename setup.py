@@ -26,7 +26,7 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "isoscore"],  # isoscore: the reference IsoScore is compared against
         # fairseq_agg.hf (AggTrainer); tested with transformers 5.24 and accelerate 1.15
         "hf": ["transformers>=5.0", "accelerate>=0.26"],
     },

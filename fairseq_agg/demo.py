@@ -2,13 +2,16 @@
 
     fairseq-agg-demo                      # or: python -m fairseq_agg.demo
     fairseq-agg-demo --quick              # a shorter run (150 updates per model, for tests)
+    fairseq-agg-demo --seeds 1 2 3        # each model once per seed: mean ± sample std (ddof=1)
 
 Binarizes the shipped corpus (``data/wikitext-2`` of this repository, or ``--data DIR`` with
 ``wiki.{train,valid,test}.tokens``) with fairseq-preprocess, trains the same small
 ``transformer_lm`` twice with the same seed and hyper-parameters -- once with plain
 cross-entropy (MLE), once with ``language_modeling_agg`` + ``agg_cross_entropy`` (AGG) -- and
-prints a side-by-side table: perplexity, the AGG rare group's size, and the isotropy I(W) of
-each model's output embedding (overall and per frequency group). Everything lands under
+prints a side-by-side table: perplexity, the AGG rare group's size, and the isotropy of each
+model's output embedding, I(W) (over both signs of every eigenvector) and IsoScore, overall and
+per frequency group. With ``--seeds`` every model is trained once per seed and the table shows
+mean ± sample standard deviation (ddof=1) over the seeds; results.json keeps each seed's values. Everything lands under
 ``--workdir``; the table also goes to ``<workdir>/results.json``. The two trainings run side
 by side (``--jobs 2``, one CPU thread each); on two idle cores the default run takes about
 4 minutes, the ``--quick`` one under 2.
@@ -32,7 +35,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fairseq_agg.isotropy import isotropy
+from fairseq_agg import metrics
+from fairseq_agg.isotropy import isoscore, isotropy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA = PACKAGE_DIR.parent / "data" / "wikitext-2"
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help="AGG rare threshold, an average count per update (default: %(default)s; see the comment in demo.py)")
     p.add_argument("--seed", type=int, default=1, help="seed of both runs (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train every model once per seed (replaces --seed); the table shows mean ± sample std "
+                   "(ddof=1) over the seeds, results.json each seed's values")
     p.add_argument("--max-update", type=int, default=None,
                    help=f"updates per model (default: {DEFAULT_MAX_UPDATE}, {QUICK_MAX_UPDATE} with --quick)")
     p.add_argument("--quick", action="store_true",
@@ -214,7 +221,7 @@ def run_options(args, name: str) -> List[str]:
     }[name]
 
 
-def train_command(args, data_bin: Path, save_dir: Path, name: str) -> List[str]:
+def train_command(args, data_bin: Path, save_dir: Path, name: str, seed: Optional[int] = None) -> List[str]:
     max_update = args.max_update
     warmup = args.warmup_updates if args.warmup_updates is not None else max(1, min(150, max_update // 4))
     task = run_options(args, name)
@@ -233,7 +240,7 @@ def train_command(args, data_bin: Path, save_dir: Path, name: str) -> List[str]:
         "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01",
         "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt",
         "--warmup-updates", str(warmup), "--warmup-init-lr", "1e-07",
-        "--max-update", str(max_update), "--seed", str(args.seed), "--cpu", "--num-workers", "0",
+        "--max-update", str(max_update), "--seed", str(args.seed if seed is None else seed), "--cpu", "--num-workers", "0",
         # validate (both splits) and save only once, at the end
         "--valid-subset", "valid,test", "--validate-interval", "100000", "--save-interval", "100000",
         "--no-epoch-checkpoints",
@@ -252,30 +259,38 @@ def _progress_line(line: str) -> bool:
     return any(key in line for key in ("| train_inner |", "| valid |", "| test |", "| train |", "Traceback", "Error"))
 
 
-def train_all(args, data_bin: Path, names: List[str]) -> Dict[str, Dict]:
-    """Train the models, ``args.jobs`` at a time (each with its share of the CPU threads)."""
-    jobs = max(1, min(args.jobs, len(names)))
+def run_key(name: str, seed: int, several_seeds: bool) -> str:
+    """The run's folder under the workdir: the model's name, with the seed when there are several."""
+    return f"{name}-seed{seed}" if several_seeds else name
+
+
+def train_all(args, data_bin: Path, names: List[str], seeds: Optional[List[int]] = None) -> Dict[str, Dict]:
+    """Train the models (each once per seed), ``args.jobs`` at a time (each with its share of the
+    CPU threads); returns run key (see :func:`run_key`) -> what its log says."""
+    seeds = seeds or [args.seed]
+    plan = [(run_key(name, seed, len(seeds) > 1), name, seed) for seed in seeds for name in names]
+    jobs = max(1, min(args.jobs, len(plan)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     show = (lambda _line: True) if args.verbose else _progress_line
     runs: Dict[str, Dict] = {}
-    pending = list(names)
+    pending = list(plan)
     while pending:
         batch, pending = pending[:jobs], pending[jobs:]
         started = []
         try:
-            for name in batch:
-                save_dir = args.workdir / name
+            for key, name, seed in batch:
+                save_dir = args.workdir / key
                 if save_dir.exists():
                     shutil.rmtree(save_dir)  # never resume a previous demo's checkpoint
                 save_dir.mkdir(parents=True)
                 options = run_options(args, name)
                 what = " + ".join(options[i + 1] for i, o in enumerate(options) if o in ("--task", "--criterion", "--optimizer"))
-                print(f"[{name}] training ({what}), log: {save_dir / 'train.log'}", flush=True)
-                cmd = train_command(args, data_bin, save_dir, name)
-                started.append((name, LoggedProcess(cmd, save_dir / "train.log", show, name, threads)))
-            for name, proc in started:
+                print(f"[{key}] training ({what}, seed {seed}), log: {save_dir / 'train.log'}", flush=True)
+                cmd = train_command(args, data_bin, save_dir, name, seed)
+                started.append((key, LoggedProcess(cmd, save_dir / "train.log", show, key, threads)))
+            for key, proc in started:
                 lines = proc.wait()
-                runs[name] = summarize_log(lines, proc.end_time - proc.start_time, proc.log_path)
+                runs[key] = summarize_log(lines, proc.end_time - proc.start_time, proc.log_path)
         finally:
             for _, proc in started:
                 proc.kill()
@@ -304,18 +319,13 @@ def parse_validation(lines: List[str]) -> Dict:
 
 def frequency_groups(dict_file: Path, nspecial: int = 4) -> Dict[str, torch.Tensor]:
     """Non-special dictionary indices ordered by training count: top 30% frequent, next 50%
-    medium, last 20% rare (DESIGN section 4)."""
-    counts = []
-    for line in dict_file.read_text(encoding="utf-8").splitlines():
-        parts = line.rsplit(" ", 2)
-        if len(parts) >= 2 and parts[-1] == "#fairseq:overwrite":
-            parts = parts[:-1]
-        counts.append(int(parts[-1]))
-    counts_t = torch.tensor(counts, dtype=torch.float64)
-    order = torch.sort(-counts_t, stable=True).indices + nspecial  # dict.txt omits the specials
-    n = order.numel()
-    n_freq, n_med = int(round(0.3 * n)), int(round(0.5 * n))
-    return {"frequent": order[:n_freq], "medium": order[n_freq:n_freq + n_med], "rare": order[n_freq + n_med:]}
+    medium, last 20% rare (DESIGN section 4), as ``fairseq-agg-eval`` forms them: fairseq's
+    padding symbols (``madeupword0000``, ...) are in no group."""
+    entries = metrics.read_dictionary_counts(dict_file)  # dict.txt omits the specials
+    counts = [0] * nspecial + [count for _, count in entries]
+    symbols = [""] * nspecial + [word for word, _ in entries]
+    groups = metrics.frequency_groups(counts, nspecial, exclude=metrics.filler_symbols(symbols, counts))
+    return {name: torch.from_numpy(ids) for name, ids in groups.items()}
 
 
 def load_checkpoint(path: Path) -> Dict:
@@ -343,42 +353,77 @@ def rare_group_size(state: Dict, alpha: float) -> Optional[int]:
     return compute_gates(counter.average(), alpha, counter.nspecial).num_rare
 
 
+def embedding_isotropy(w: torch.Tensor, groups: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """I(W) (both signs of every eigenvector) and IsoScore, over all rows and per group."""
+    out = {"I(W)": isotropy(w), "IsoScore": isoscore(w)}
+    for group, rows in groups.items():
+        out[f"I(W) {group}"] = isotropy(w, rows=rows)
+    for group, rows in groups.items():
+        out[f"IsoScore {group}"] = isoscore(w, rows=rows)
+    return out
+
+
 def analyse(args, data_bin: Path, runs: Dict[str, Dict]) -> Dict:
     groups = frequency_groups(data_bin / "dict.txt")
-    for name, result in runs.items():
-        state = load_checkpoint(args.workdir / name / "checkpoint_last.pt")
+    for key, result in runs.items():
+        state = load_checkpoint(args.workdir / key / "checkpoint_last.pt")
         w = output_embedding(state)
         result["num_updates"] = int(state["optimizer_history"][-1]["num_updates"])
         result["vocab_size"] = int(w.size(0))
-        result["I(W)"] = isotropy(w)
-        for group, rows in groups.items():
-            result[f"I(W) {group}"] = isotropy(w, rows=rows)
-        if name.startswith("agg"):
+        result.update(embedding_isotropy(w, groups))
+        if key.startswith("agg"):
             result["rare_group_size"] = rare_group_size(state, args.alpha)
     return runs
 
 
+def combine_seeds(runs: Dict[str, Dict], names: List[str], seeds: List[int]) -> Dict[str, Dict]:
+    """Per model, the runs of every seed: {"seeds": {seed: result}, "n", "mean", "std"} with the
+    mean and the sample standard deviation (ddof=1) over the seeds of each number."""
+    out: Dict[str, Dict] = {}
+    for name in names:
+        per_seed = {str(seed): runs[run_key(name, seed, True)] for seed in seeds}
+        keys = [k for k, v in next(iter(per_seed.values())).items()
+                if metrics._is_number(v) and all(metrics._is_number(r.get(k)) for r in per_seed.values())]
+        stats = {k: metrics.Stat([r[k] for r in per_seed.values()]) for k in keys}
+        out[name] = {"seeds": per_seed, "n": len(seeds),
+                     "mean": {k: float(v) for k, v in stats.items()},
+                     "std": {k: v.std for k, v in stats.items()}}
+    return out
+
+
+TABLE_ROWS = (
+    ("valid perplexity", "valid_ppl", 2),
+    ("test perplexity", "test_ppl", 2),
+    ("I(W) all tokens", "I(W)", 3),
+    ("I(W) frequent 30%", "I(W) frequent", 3),
+    ("I(W) medium 50%", "I(W) medium", 3),
+    ("I(W) rare 20%", "I(W) rare", 3),
+    ("IsoScore all tokens", "IsoScore", 3),
+    ("IsoScore frequent 30%", "IsoScore frequent", 3),
+    ("IsoScore medium 50%", "IsoScore medium", 3),
+    ("IsoScore rare 20%", "IsoScore rare", 3),
+    ("AGG rare group at end", "rare_group_size", 0),
+    ("dictionary size", "vocab_size", 0),
+    ("updates", "num_updates", 0),
+    ("train seconds", "train_seconds", 0),
+)
+
+
 def format_table(runs: Dict[str, Dict]) -> str:
+    """One column per model; with several seeds (``combine_seeds``) mean ± sample std."""
     names = list(runs)
-    rows = [
-        ("valid perplexity", "valid_ppl", "{:.2f}"),
-        ("test perplexity", "test_ppl", "{:.2f}"),
-        ("I(W) all tokens", "I(W)", "{:.3f}"),
-        ("I(W) frequent 30%", "I(W) frequent", "{:.3f}"),
-        ("I(W) medium 50%", "I(W) medium", "{:.3f}"),
-        ("I(W) rare 20%", "I(W) rare", "{:.3f}"),
-        ("AGG rare group at end", "rare_group_size", "{:d}"),
-        ("dictionary size", "vocab_size", "{:d}"),
-        ("updates", "num_updates", "{:d}"),
-        ("train seconds", "train_seconds", "{:.0f}"),
-    ]
     header = ["", *(n.upper() for n in names)]
     body = []
-    for label, key, fmt in rows:
+    for label, key, digits in TABLE_ROWS:
         cells = [label]
         for n in names:
-            v = runs[n].get(key)
-            cells.append("-" if v is None else fmt.format(v))
+            run = runs[n]
+            if "seeds" in run:
+                cells.append("-" if key not in run["mean"] else
+                             metrics.Stat([r[key] for r in run["seeds"].values()]).format(digits))
+            else:
+                v = run.get(key)
+                cells.append("-" if v is None else f"{v:.{digits}f}")
         body.append(cells)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
@@ -396,32 +441,41 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
         raise SystemExit("fairseq-agg-demo: --max-update and --jobs must be positive")
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
     data = resolve_data(args.data)
     start = time.time()
     print(f"fairseq-agg demo: data {data}, workdir {args.workdir}, {args.max_update} updates per model, "
-          f"alpha {args.alpha}, seed {args.seed}", flush=True)
+          f"alpha {args.alpha}, seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}", flush=True)
     data_bin = preprocess(data, args.workdir, args.threshold, args.verbose)
     names = list(dict.fromkeys(args.runs))
-    runs = train_all(args, data_bin, names)
-    analyse(args, data_bin, runs)
+    trained = train_all(args, data_bin, names, seeds)
+    analyse(args, data_bin, trained)
+    runs = trained if len(seeds) == 1 else combine_seeds(trained, names, seeds)
     table = format_table(runs)
     results = {
-        "settings": {"data": str(data), "alpha": args.alpha, "seed": args.seed, "max_update": args.max_update,
+        "settings": {"data": str(data), "alpha": args.alpha, "seed": seeds[0], "seeds": seeds,
+                     "max_update": args.max_update,
                      "threshold": args.threshold, "embed_dim": args.embed_dim, "layers": args.layers,
                      "lr": args.lr, "max_tokens": args.max_tokens, "tokens_per_sample": args.tokens_per_sample},
         "runs": runs,
         "total_seconds": round(time.time() - start, 1),
     }
+    if len(seeds) > 1:
+        results["std"] = "sample standard deviation over the seeds (ddof=1)"
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table)
+    if len(seeds) > 1:
+        print(f"\nmean ± sample standard deviation (ddof=1) over seeds {' '.join(map(str, seeds))}; each seed's values "
+              "in results.json")
     if "mle" in runs and "agg" in runs:
-        print(f"\nI(W) of the output embedding: MLE {runs['mle']['I(W)']:.3f}, AGG {runs['agg']['I(W)']:.3f} "
+        iso = {n: (runs[n]["mean"]["I(W)"] if "seeds" in runs[n] else runs[n]["I(W)"]) for n in ("mle", "agg")}
+        print(f"\nI(W) of the output embedding: MLE {iso['mle']:.3f}, AGG {iso['agg']:.3f} "
               f"(paper, Table 3, WikiText-103 at full scale: MLE 0.377, AGG 0.813)")
     print(f"\nresults: {args.workdir / 'results.json'} (total {results['total_seconds']:.0f} s)")
-    for name in runs:
+    for key in trained:
         print(f"full evaluation (tables, figures): fairseq-agg-eval lm {data_bin} "
-              f"--path {args.workdir / name / 'checkpoint_last.pt'} --out {args.workdir / name / 'eval'}")
+              f"--path {args.workdir / key / 'checkpoint_last.pt'} --out {args.workdir / key / 'eval'}")
     return results
 
 

@@ -111,6 +111,18 @@ def load_dictionary_counts(dictionary) -> np.ndarray:
     return counts
 
 
+def dictionary_groups(dictionary, counts: np.ndarray):
+    """The frequency groups of a fairseq dictionary, without its specials and without the
+    padding symbols fairseq-preprocess adds (``madeupword0000``, ...): (groups, filler ids)."""
+    fillers = metrics.filler_symbols(dictionary.symbols, counts)
+    return metrics.frequency_groups(counts, dictionary.nspecial, exclude=fillers), fillers
+
+
+def word_rows(dictionary, fillers) -> np.ndarray:
+    """Rows that stand for tokens: neither specials nor padding symbols (neighbour candidates)."""
+    return np.setdiff1d(np.arange(dictionary.nspecial, len(dictionary)), fillers)
+
+
 # -- language models -----------------------------------------------------------------------------
 
 def setup_lm(args):
@@ -400,7 +412,8 @@ def embedding_metrics_after_post_hoc(args, weight, groups, counts, nspecial, rep
     model's predictions are not changed: perplexity and Uniq stay those of the model)."""
     out = OrderedDict()
     for method, (label, changed) in post_hoc_embeddings(args, weight, nspecial).items():
-        entry = {"label": label, "isotropy": metrics.isotropy_by_group(changed, groups),
+        entry = {"label": label, "isotropy": metrics.isotropy_by_group(changed, groups, signs=args.isotropy_signs),
+                 "isoscore": metrics.isoscore_by_group(changed, groups),
                  "geometry": metrics.embedding_geometry(changed, counts, nspecial)}
         if representer is not None:
             entry["word_similarity"] = OrderedDict(
@@ -415,7 +428,7 @@ def evaluate_lm(args) -> Dict:
     dictionary = task.target_dictionary
     vocab = len(dictionary)
     counts = load_dictionary_counts(dictionary)
-    groups = metrics.frequency_groups(counts, dictionary.nspecial)
+    groups, fillers = dictionary_groups(dictionary, counts)
     group_of = metrics.group_of_tokens(groups, vocab)
     weight = output_embedding(model)
     show = not args.no_progress_bar
@@ -432,14 +445,17 @@ def evaluate_lm(args) -> Dict:
     scored = score_lm(model, task, itr, device, args.max_hidden_states, show)
     result: Dict = {"kind": "lm", "name": args.name, "checkpoint": str(args.path), "data": str(args.data),
                     "scoring": scoring, "trained_with": trained_with, "vocab_size": vocab,
-                    "group_sizes": {n: int(len(ids)) for n, ids in groups.items()}}
+                    "group_sizes": {n: int(len(ids)) for n, ids in groups.items()},
+                    "padding_symbols_excluded": int(len(fillers))}
     result["ppl"] = metrics.group_perplexity(scored["nll"], scored["targets"], groups, vocab)
     result["uniq"] = metrics.unique_tokens(scored["argmax"], groups, vocab)
     result["human"] = metrics.unique_tokens(scored["targets"], groups, vocab)
     result["next_token"] = metrics.next_token_repetition(scored["argmax"], scored["targets"])
 
     print("[eval] isotropy and geometry", file=sys.stderr, flush=True)
-    result["isotropy"] = metrics.isotropy_by_group(weight, groups)
+    result["isotropy"] = metrics.isotropy_by_group(weight, groups, signs=args.isotropy_signs)
+    result["isotropy_signs"] = args.isotropy_signs
+    result["isoscore"] = metrics.isoscore_by_group(weight, groups)
     result["geometry"] = metrics.embedding_geometry(weight, counts, dictionary.nspecial)
     result["geometry"]["hidden_mean_cosine"] = metrics.mean_pairwise_cosine(scored["hidden"])
     result["geometry"]["hidden_states_sampled"] = int(scored["hidden"].shape[0])
@@ -459,7 +475,7 @@ def evaluate_lm(args) -> Dict:
                                                           representer, wordsim)
 
     result["neighbours"] = neighbours_table(weight, dictionary, queries, group_of, args.k,
-                                            candidates=np.arange(dictionary.nspecial, vocab))
+                                            candidates=word_rows(dictionary, fillers))
 
     if args.num_texts > 0:
         prefixes, generated, human = greedy_continuations(
@@ -473,7 +489,7 @@ def evaluate_lm(args) -> Dict:
              "uniq": len(set(g))}
             for p, g in list(zip(prefixes, generated))[: args.examples]]
 
-    result["training"] = training_curves(args, groups)
+    result["training"] = training_curves(args, groups, trained_with)
     result["seconds"] = round(time.time() - start, 1)
     write_outputs(args.out, result, lambda out: draw_lm_figures(out, weight, groups, result, dictionary.nspecial))
     return result
@@ -481,24 +497,49 @@ def evaluate_lm(args) -> Dict:
 
 # -- training curves (Figures 2 and 4) -------------------------------------------------------------
 
+_INNER_PROGRESS = re.compile(r"epoch \d+:\s+\d+\s*/\s*\d+")
+
+
+def _log_section(line: str, record: Optional[Mapping]) -> Optional[str]:
+    """"train_inner", "valid", "train" or None for one line of a fairseq-train log: the
+    console's lines carry the tag (``| train_inner |``, ``| valid |``); a log written by
+    fairseq's ``--log-file`` has the bare messages, told apart by their shape (the per-update
+    lines ``epoch 001:   10 / 228 ...``, validation lines ``valid on '...' subset``; in json,
+    ``valid_``- and ``train_``-prefixed keys for validation and epoch records)."""
+    if "train_inner" in line:
+        return "train_inner"
+    if "| valid |" in line or "valid on '" in line or '"valid_' in line or "INFO:valid:" in line:
+        return "valid"
+    if "| train |" in line or '"train_' in line:
+        return "train"
+    if _INNER_PROGRESS.search(line):
+        return "train_inner"
+    if record is not None and "num_updates" in record:
+        return "train_inner"  # an untagged json record without a prefix
+    return None
+
+
 def log_points(path: Path, section: str, key: str) -> List[Tuple[int, float]]:
-    """(update, value of ``key``) from fairseq-train's ``train_inner`` or ``valid`` log lines
-    (simple, json or tqdm formats), the first value per update."""
+    """(update, value of ``key``) from fairseq-train's ``train_inner`` or ``valid`` log lines,
+    the first value per update. Reads the console's output (what the demo's ``train.log``
+    holds; simple, json or tqdm format) and the file fairseq's ``--log-file`` writes."""
     number = r"(-?[\d.]+(?:e-?\d+)?)"
     pattern = re.compile(rf"\b({re.escape(key)}|num_updates)[ =]+{number}")
     points: Dict[int, float] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if section == "train_inner" and "train_inner" not in line:
-            continue
-        if section == "valid" and "| valid |" not in line and '"valid_' not in line:
-            continue
-        values = None
+        record = None
         if "{" in line:
             try:
                 record = json.loads(line[line.index("{"):])
-                values = {k: record.get(k, record.get(f"{section}_{k}")) for k in (key, "num_updates")}
             except ValueError:
-                pass
+                record = None
+            if not isinstance(record, dict):
+                record = None
+        if _log_section(line, record) != section:
+            continue
+        values = None
+        if record is not None:
+            values = {k: record.get(k, record.get(f"{section}_{k}")) for k in (key, "num_updates")}
         if values is None:
             values = dict(pattern.findall(line))
         if values.get(key) is not None and values.get("num_updates") is not None:
@@ -511,7 +552,7 @@ def parse_train_log(path: Path) -> List[Tuple[int, float]]:
     return log_points(path, "train_inner", "agg_rare")
 
 
-def isotropy_over_training(checkpoint_dir: Path, groups, show_progress: bool) -> List[Dict]:
+def isotropy_over_training(checkpoint_dir: Path, groups, show_progress: bool, signs: str = "both") -> List[Dict]:
     """I(W) (total and per group) of every ``checkpoint_<epoch>_<update>.pt`` and of
     ``checkpoint_last.pt`` in a save directory, by update."""
     from fairseq import checkpoint_utils
@@ -534,21 +575,42 @@ def isotropy_over_training(checkpoint_dir: Path, groups, show_progress: bool) ->
                 break
         if weight is None:
             continue
-        iso = metrics.isotropy_by_group(weight, groups)
+        iso = metrics.isotropy_by_group(weight, groups, signs=signs)
         iso["update"] = update
         points[update] = iso
     return [points[u] for u in sorted(points)]
 
 
-def training_curves(args, groups) -> Dict:
+def training_curves(args, groups, trained_with: Optional[Mapping] = None) -> Dict:
+    """Figures 2 and 4 from the training log and the checkpoints next to ``--path``; ``notes``
+    says which curve has no points and why (also printed)."""
     curves: Dict = {}
+    notes: List[str] = []
     log = args.train_log or args.path.parent / "train.log"
+    agg = str((trained_with or {}).get("criterion") or "").startswith("agg_")
     if log.is_file():
         curves["rare_group_size"] = parse_train_log(log)
         # the plug-in's tasks log I(W) at each validation, whichever checkpoints were kept
         curves["isotropy_validation"] = [{"update": u, "total": v} for u, v in log_points(log, "valid", "isotropy")]
+        if agg and not curves["rare_group_size"]:
+            notes.append(f"{log} has no training line with agg_rare and num_updates: the rare-group curve has no "
+                         "points (the log is read in fairseq-train's console format, simple or json, and in the "
+                         "format of fairseq's --log-file)")
+        if not curves["isotropy_validation"]:
+            notes.append(f"{log} has no validation line with isotropy: the logged I(W) curve has no points "
+                         "(only the plug-in's tasks log it, at each validation)")
+    else:
+        notes.append(f"no training log at {log} (--train-log FILE names one): the rare-group curve and the logged "
+                     "I(W) curve have no points")
     if not args.no_training_curves:
-        curves["isotropy"] = isotropy_over_training(args.path.parent, groups, not args.no_progress_bar)
+        curves["isotropy"] = isotropy_over_training(args.path.parent, groups, not args.no_progress_bar,
+                                                    getattr(args, "isotropy_signs", "both"))
+    if len(curves.get("isotropy") or []) < 2 and len(curves.get("isotropy_validation") or []) < 2:
+        notes.append("fewer than two points for I(W) over training (checkpoints or validation lines): "
+                     "its figure is left out")
+    for note in notes:
+        print(f"[eval] note: {note}", file=sys.stderr, flush=True)
+    curves["notes"] = notes
     return curves
 
 
@@ -650,11 +712,15 @@ def evaluate_mt(args) -> Dict:
     _check_vocabulary(model, tgt_dict, f"{args.data}/dict.{tgt}.txt")
     weight = output_embedding(model)
     counts = load_dictionary_counts(tgt_dict)
-    groups = metrics.frequency_groups(counts, tgt_dict.nspecial)
+    groups, fillers = dictionary_groups(tgt_dict, counts)
     group_of = metrics.group_of_tokens(groups, len(tgt_dict))
     result["vocab_size"] = len(tgt_dict)
     result["group_sizes"] = {n: int(len(ids)) for n, ids in groups.items()}
-    result["isotropy"] = metrics.isotropy_by_group(weight, groups)
+    result["padding_symbols_excluded"] = int(len(fillers))
+    check_sentence_count(args, result, task, src, tgt, generate_output)
+    result["isotropy"] = metrics.isotropy_by_group(weight, groups, signs=args.isotropy_signs)
+    result["isotropy_signs"] = args.isotropy_signs
+    result["isoscore"] = metrics.isoscore_by_group(weight, groups)
     result["geometry"] = metrics.embedding_geometry(weight, counts, tgt_dict.nspecial)
     result["singular_values"] = metrics.singular_spectrum(weight[tgt_dict.nspecial:])["normalized"]
     result["post_hoc"] = embedding_metrics_after_post_hoc(args, weight, groups, counts, tgt_dict.nspecial)
@@ -675,7 +741,7 @@ def evaluate_mt(args) -> Dict:
         else:
             # rare tokens of the source side
             source_only = [t for t in groups["rare"] if side_counts and side_counts[src][t] > side_counts[tgt][t]]
-            pool = source_only or list(groups["rare"])
+            pool = source_only or list(groups["rare"])  # padding symbols are in no group
             queries = [int(pool[i]) for i in np.linspace(0, len(pool) - 1, min(3, len(pool))).round().astype(int)]
 
         def label(token: int) -> str:
@@ -685,13 +751,49 @@ def evaluate_mt(args) -> Dict:
             return text
 
         result["cross_lingual_neighbours"] = neighbours_table(
-            weight, tgt_dict, queries, group_of, args.k, candidates=np.arange(tgt_dict.nspecial, len(tgt_dict)), label=label)
+            weight, tgt_dict, queries, group_of, args.k, candidates=word_rows(tgt_dict, fillers), label=label)
     else:
         result["cross_lingual_neighbours"] = None
         result["cross_lingual_note"] = "source and target dictionaries differ: no shared embedding space"
     result["seconds"] = round(time.time() - start, 1)
     write_outputs(args.out, result, lambda out: draw_mt_figures(out, weight, groups, tgt_dict.nspecial))
     return result
+
+
+def _generate_ids(path: Path) -> List[int]:
+    """The sentence ids of a fairseq-generate output (its H lines), in file order."""
+    ids = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("H-"):
+            ids.append(int(line[2:].split("\t", 1)[0]))
+    return sorted(set(ids))
+
+
+def check_sentence_count(args, result: Dict, task, src: str, tgt: str, generate_output: Path) -> None:
+    """Warn, with the count, when the generate output scored fewer sentences than the split
+    holds (fairseq-generate leaves out sentences beyond --max-source-positions, for example):
+    BLEU is then over a part of the test set. Recorded in ``result["bleu"]``."""
+    from fairseq.data import data_utils
+
+    total = None
+    for pair in (f"{src}-{tgt}", f"{tgt}-{src}"):
+        prefix = Path(args.data) / f"{args.subset}.{pair}.{tgt}"
+        if _split_exists(prefix):
+            dataset = data_utils.load_indexed_dataset(str(prefix), task.target_dictionary)
+            if dataset is not None:
+                total = len(dataset)
+                break
+    if total is None:
+        return
+    scored = result["bleu"]["sentences"]
+    result["bleu"]["sentences_in_split"] = total
+    if scored < total:
+        missing = sorted(set(range(total)) - set(_generate_ids(generate_output)))
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        message = (f"{generate_output} scores {scored} of the {total} sentences of '{args.subset}' "
+                   f"({total - scored} left out: ids {shown}); BLEU is over those {scored} only")
+        result["bleu"]["warning"] = message
+        print(f"[eval] warning: {message}", file=sys.stderr, flush=True)
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -726,8 +828,10 @@ def draw_lm_figures(out: Path, weight, groups, result: Dict, nspecial: int) -> D
     drawn = {"svd_projection": figures.svd_projection(out / "svd_projection.png", weight, groups, title=name),
              "singular_values": figures.singular_values(out / "singular_values.png", {name: result["singular_values"]})}
     curves = result.get("training", {})
-    if curves.get("rare_group_size"):
-        drawn["rare_group_size"] = figures.rare_group_size(out / "rare_group_size.png", {name: curves["rare_group_size"]})
+    agg = str((result.get("trained_with") or {}).get("criterion") or "").startswith("agg_")
+    if curves.get("rare_group_size") or agg:  # an AGG run without points says so in the figure
+        drawn["rare_group_size"] = figures.rare_group_size(out / "rare_group_size.png",
+                                                           {name: curves.get("rare_group_size") or []})
     series = isotropy_series(curves)
     if series:
         drawn["isotropy_over_training"] = figures.isotropy_over_training(out / "isotropy_over_training.png",
@@ -765,33 +869,88 @@ def alpha_sweep(runs: Mapping[str, Dict]) -> List[Dict]:
     return [points[a] for a in sorted(points)] if len(points) >= 2 else []
 
 
-def compare(args) -> str:
-    _check_modules(REQUIRED_MODULES["compare"], "fairseq-agg-eval compare")
-    from fairseq_agg import figures
-    from fairseq_agg.report import compare_report, resolve_tables
+# the settings that make two runs the same method (the seed may differ)
+_SAME_METHOD_KEYS = ("criterion", "agg_alpha", "agg_no_g1", "agg_no_g2", "agg_static_after", "agg_study",
+                     "unlikelihood_alpha", "label_smoothing")
+# headline numbers of compare.json per method: (label, path in results.json)
+SUMMARY_KEYS = tuple(
+    [(f"ppl {g}", ("ppl", g, "ppl")) for g in ("frequent", "medium", "rare", "other", "total")]
+    + [(f"I(W) {g}", ("isotropy", g)) for g in ("frequent", "medium", "rare", "total")]
+    + [(f"IsoScore {g}", ("isoscore", g)) for g in ("frequent", "medium", "rare", "total")]
+    + [(f"Uniq {g}", ("uniq", g)) for g in ("frequent", "medium", "rare", "total")]
+    + [("BLEU", ("bleu", "tokenized_compound_split")), ("sacreBLEU", ("bleu", "sacrebleu"))])
 
-    runs = OrderedDict()
+
+def _lookup(result: Mapping, path: Sequence[str]):
+    for key in path:
+        if not isinstance(result, Mapping) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def method_summary(results: Sequence[Mapping]) -> Dict[str, Dict]:
+    """Per headline number of several runs of one method: the runs' values, their mean and
+    sample standard deviation (ddof=1; None for one run)."""
+    out: Dict[str, Dict] = OrderedDict()
+    for label, path in SUMMARY_KEYS:
+        values = [_lookup(r, path) for r in results]
+        if any(v is None for v in values):
+            continue
+        stat = metrics.Stat(values)
+        out[label] = {"values": stat.values, "mean": float(stat), "std": stat.std if stat.n > 1 else None}
+    return out
+
+
+def _group_runs(args) -> "OrderedDict[str, List[Tuple[Path, Dict]]]":
+    """Method name -> its runs (path, results): runs with the same name (from --names, else
+    each results.json's name) are runs of one method, e.g. seeds."""
+    loaded = []
     for path in args.results:
         path = Path(path)
         result = _read_results(path)
         if path.is_dir():
             path = path / "results.json"
-        name = result.get("name") or path.parent.name
-        if name in runs:
-            name = f"{name} ({path.parent})"
-        runs[name] = result
+        loaded.append((path, result))
     if args.names:
-        if len(args.names) != len(runs):
-            raise EvalError(f"--names gives {len(args.names)} names for {len(runs)} runs")
-        runs = OrderedDict(zip(args.names, runs.values()))
-    kinds = {r.get("kind") for r in runs.values()}
+        if len(args.names) != len(loaded):
+            raise EvalError(f"--names gives {len(args.names)} names for {len(loaded)} runs")
+        names = list(args.names)
+    else:
+        names = [result.get("name") or path.parent.name for path, result in loaded]
+    methods: "OrderedDict[str, List[Tuple[Path, Dict]]]" = OrderedDict()
+    for name, item in zip(names, loaded):
+        methods.setdefault(name, []).append(item)
+    for name, items in methods.items():
+        settings = {json.dumps({k: (r.get("trained_with") or {}).get(k) for k in _SAME_METHOD_KEYS}, sort_keys=True)
+                    for _, r in items}
+        if len(settings) > 1:
+            raise EvalError(f"the runs named {name!r} were trained with different settings ({' vs '.join(sorted(settings))}); "
+                            "runs of one method (seeds) must share them: give the others other --names")
+        if len({p.resolve() for p, _ in items}) < len(items):
+            raise EvalError(f"the same results.json is given twice for {name!r}")
+    return methods
+
+
+def compare(args) -> str:
+    _check_modules(REQUIRED_MODULES["compare"], "fairseq-agg-eval compare")
+    from fairseq_agg import figures
+    from fairseq_agg.report import compare_report, resolve_tables
+
+    methods = _group_runs(args)
+    all_results = [r for items in methods.values() for _, r in items]
+    kinds = {r.get("kind") for r in all_results}
     if len(kinds) != 1:
         raise EvalError(f"cannot compare runs of different kinds: {sorted(map(str, kinds))}")
     resolve_tables(args.tables, kinds.pop())
-    for name, result in runs.items():
-        if "singular_values" not in result:
-            raise EvalError(f"run {name!r}: its results.json lacks 'singular_values' (written by another version of "
-                            "fairseq-agg-eval?); evaluate the checkpoint again")
+    for name, items in methods.items():
+        for path, result in items:
+            if "singular_values" not in result:
+                raise EvalError(f"run {name!r} ({path}): its results.json lacks 'singular_values' (written by another "
+                                "version of fairseq-agg-eval?); evaluate the checkpoint again")
+    runs = OrderedDict((name, items[0][1] if len(items) == 1 else metrics.aggregate_runs([r for _, r in items]))
+                       for name, items in methods.items())
+    counts = OrderedDict((name, len(items)) for name, items in methods.items())
     check_output_folder(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = {"singular_values": figures.singular_values(args.out / "singular_values.png",
@@ -800,15 +959,23 @@ def compare(args) -> str:
     iso = {n: series for n, series in iso.items() if series}
     if iso:
         drawn["isotropy_over_training"] = figures.isotropy_over_training(args.out / "isotropy_over_training.png", iso)
-    rare = {n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")}
-    if rare:
+    agg_runs = [n for n, r in runs.items() if str((r.get("trained_with") or {}).get("criterion", "")).startswith("agg_")]
+    rare = {n: list(runs[n].get("training", {}).get("rare_group_size") or []) for n in agg_runs}
+    rare.update({n: r["training"]["rare_group_size"] for n, r in runs.items() if r.get("training", {}).get("rare_group_size")})
+    if any(rare.values()):
         drawn["rare_group_size"] = figures.rare_group_size(args.out / "rare_group_size.png", rare)
     sweep = alpha_sweep(runs)
     if sweep:
         drawn["alpha_sweep"] = figures.alpha_sweep(args.out / "alpha_sweep.png", sweep)
-    text = compare_report(runs, tables=args.tables, figures={k: os.path.basename(v) for k, v in drawn.items()})
+    text = compare_report(runs, tables=args.tables, figures={k: os.path.basename(v) for k, v in drawn.items()},
+                          run_counts=counts)
     (args.out / "compare.md").write_text(text, encoding="utf-8")
-    (args.out / "compare.json").write_text(json.dumps({"runs": list(runs), "tables": args.tables}, indent=2) + "\n")
+    summary = {"runs": list(runs), "tables": args.tables,
+               "std": "sample standard deviation over a method's runs (ddof=1)",
+               "methods": OrderedDict((name, {"results": [str(p) for p, _ in items],
+                                              "summary": method_summary([r for _, r in items])})
+                                      for name, items in methods.items())}
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     print(text)
     return text
 
@@ -1079,6 +1246,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--post-hoc", nargs="+", default=None, choices=["mean_removal", "abtt"],
                        help="also report I(W), geometry (and word similarity) after these post-hoc remedies "
                        "of the output embedding: mean removal, all-but-the-top (Mu and Viswanath 2018)")
+        q.add_argument("--isotropy-signs", default="both", choices=["both", "as_returned"],
+                       help="I(W)'s directions: both signs of every eigenvector of W^T W, independent of the "
+                       "signs LAPACK returns (default), or as_returned, the older variant over the eigenvectors "
+                       "with the signs torch.linalg.eigh returned (it changes when a sign flips)")
         q.add_argument("--abtt-directions", type=int, default=None,
                        help="principal directions all-but-the-top removes (default: d / 100, at least 1)")
         q.add_argument("--no-progress-bar", action="store_true")
@@ -1131,7 +1302,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="several runs' results.json side by side as the paper's tables")
     cmp_.add_argument("results", nargs="+", help="results.json files (or folders holding one)")
     cmp_.add_argument("--out", type=Path, required=True)
-    cmp_.add_argument("--names", nargs="+", default=None, help="row names, one per run (default: each run's name)")
+    cmp_.add_argument("--names", nargs="+", default=None,
+                      help="row names, one per run (default: each run's name); runs given the same name are runs of "
+                      "one method (seeds): their row shows mean ± sample std (ddof=1), compare.json each run's values")
     cmp_.add_argument("--tables", nargs="+", default=None,
                       help="tables to write (default: all that the runs support); see fairseq_agg/report.py")
     return p

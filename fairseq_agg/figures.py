@@ -7,7 +7,8 @@
 - ``isotropy_over_training``: I(W), total and per group, over training updates (Figure 2);
 - ``alpha_sweep``: perplexity, Uniq and I(W) against AGG's alpha (Figure 5).
 
-Each function takes plain data and a file name and returns the file name written.
+Each function takes plain data and a file name and returns the file name written. A series
+without points is named in the figure ("no points: ...") rather than left out silently.
 """
 
 from pathlib import Path
@@ -21,6 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fairseq_agg import metrics  # noqa: E402
 
 GROUP_COLOURS = {"frequent": "#d62728", "medium": "#2ca02c", "rare": "#1f77b4"}
+
+
+def _no_points(ax, names: Sequence[str]) -> None:
+    if names:
+        ax.text(0.5, 0.5, "no points: " + ", ".join(names), transform=ax.transAxes, ha="center", va="center",
+                fontsize=9, color="0.4", wrap=True)
 
 
 def _save(fig, path: Path) -> str:
@@ -63,20 +70,27 @@ def singular_values(path: Path, spectra: Mapping[str, Sequence[float]]) -> str:
 
 def rare_group_size(path: Path, series: Mapping[str, List[Tuple[int, float]]]) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    empty = []
     for name, points in series.items():
         if points:
             updates, sizes = zip(*points)
             ax.plot(updates, sizes, marker=".", label=name)
+        else:
+            empty.append(name)
+    _no_points(ax, empty)
     ax.set_xlabel("training update")
     ax.set_ylabel("rare tokens (AGG group)")
     ax.set_title("Size of AGG's rare-token group during training", fontsize=10)
-    ax.legend(fontsize=8)
+    if len(empty) < len(series):
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def isotropy_over_training(path: Path, series: Mapping[str, List[Dict]]) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"total": "-", "frequent": "--", "medium": "-.", "rare": ":"}
+    empty = [name for name, points in series.items() if not points]
+    _no_points(ax, empty)
     for run_index, (name, points) in enumerate(series.items()):
         colour = f"C{run_index}"
         updates = [p["update"] for p in points]
@@ -89,7 +103,8 @@ def isotropy_over_training(path: Path, series: Mapping[str, List[Dict]]) -> str:
     ax.set_ylabel("I(W)")
     ax.set_ylim(0, 1.02)
     ax.set_title("Isotropy I(W) of the output embedding during training", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    if len(empty) < len(series):
+        ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

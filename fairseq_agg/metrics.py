@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from fairseq_agg.isotropy import isotropy
+from fairseq_agg.isotropy import isoscore, isotropy
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
@@ -60,18 +60,39 @@ def read_dictionary_counts(dict_file: Union[str, Path]) -> List[Tuple[str, int]]
     return entries
 
 
-def frequency_groups(counts: ArrayLike, nspecial: int) -> "OrderedDict[str, np.ndarray]":
+# fairseq-preprocess pads the dictionary to a multiple of 8 entries (--padding-factor) with
+# never-seen symbols named madeupword0000, madeupword0001, ...
+_FILLER = re.compile(r"madeupword\d{4}")
+
+
+def filler_symbols(symbols: Sequence[str], counts: Optional[ArrayLike] = None) -> np.ndarray:
+    """Ids of fairseq's padding symbols (``madeupword0000``, ... with a training count of 0 where
+    ``counts`` are given): entries that are no words and never occur in the data."""
+    ids = [i for i, s in enumerate(symbols) if _FILLER.fullmatch(str(s))]
+    if counts is not None:
+        c = np.asarray(counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else counts,
+                       dtype=np.float64).reshape(-1)
+        ids = [i for i in ids if c[i] == 0]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def frequency_groups(counts: ArrayLike, nspecial: int, exclude: Optional[ArrayLike] = None) -> "OrderedDict[str, np.ndarray]":
     """Dictionary ids (specials excluded) ordered by training count, descending (ties keep
     dictionary order): top 30% ``frequent``, next 50% ``medium``, last 20% ``rare``.
 
     ``counts``: training count of every dictionary entry, specials included (their values are
-    ignored)."""
+    ignored). ``exclude``: ids in no group either, e.g. fairseq's padding symbols
+    (:func:`filler_symbols`); the fractions apply to the rest."""
     counts = np.asarray(counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else counts,
                         dtype=np.float64).reshape(-1)
     if nspecial < 0 or nspecial >= counts.size:
         raise ValueError(f"nspecial={nspecial} leaves no regular token in a dictionary of {counts.size}")
     regular = np.arange(nspecial, counts.size)
-    order = regular[np.argsort(-counts[nspecial:], kind="stable")]
+    if exclude is not None and len(exclude):
+        regular = np.setdiff1d(regular, _long_array(exclude))
+        if regular.size == 0:
+            raise ValueError("no regular token is left once the excluded ids are removed")
+    order = regular[np.argsort(-counts[regular], kind="stable")]
     n = order.size
     n_freq = int(round(GROUP_FRACTIONS[0] * n))
     n_med = int(round(GROUP_FRACTIONS[1] * n))
@@ -304,12 +325,78 @@ def embedding_geometry(weight, counts: Optional[ArrayLike] = None, nspecial: int
     return out
 
 
-def isotropy_by_group(weight, groups: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    """I(W) over all rows of ``weight`` (``total``) and over each group's rows."""
-    out = {"total": isotropy(weight)}
+def isotropy_by_group(weight, groups: Mapping[str, np.ndarray], signs: str = "both") -> Dict[str, float]:
+    """I(W) over all rows of ``weight`` (``total``) and over each group's rows; ``signs``: see
+    :func:`fairseq_agg.isotropy.isotropy` (default: both signs of every eigenvector)."""
+    out = {"total": isotropy(weight, signs=signs)}
     for name, ids in groups.items():
-        out[name] = isotropy(weight, rows=torch.as_tensor(_long_array(ids)))
+        out[name] = isotropy(weight, rows=torch.as_tensor(_long_array(ids)), signs=signs)
     return out
+
+
+def isoscore_by_group(weight, groups: Mapping[str, np.ndarray]) -> Dict[str, float]:
+    """IsoScore (Rudman et al. 2022) over all rows of ``weight`` (``total``) and over each
+    group's rows."""
+    out = {"total": isoscore(weight)}
+    for name, ids in groups.items():
+        out[name] = isoscore(weight, rows=torch.as_tensor(_long_array(ids)))
+    return out
+
+
+# -- several runs of one method (seeds) ---------------------------------------------------------
+
+class Stat(float):
+    """The mean of several runs' values (it is that float), with the values, their number ``n``
+    and ``std``, the sample standard deviation (ddof=1; NaN for one value)."""
+
+    def __new__(cls, values: Sequence[float]):
+        values = [float(v) for v in values]
+        if not values:
+            raise ValueError("no values")
+        array = np.asarray(values, dtype=np.float64)
+        self = super().__new__(cls, float(array.mean()))
+        self.values = values
+        self.n = len(values)
+        self.std = float(array.std(ddof=1)) if len(values) > 1 else float("nan")
+        self.integral = all(v == int(v) for v in values if math.isfinite(v))
+        return self
+
+    def format(self, digits: int = 2) -> str:
+        """``mean ± std`` with ``digits`` decimals (the mean alone for one value; n/a when a
+        value is NaN, e.g. a rank correlation over too few pairs)."""
+        if math.isnan(self):
+            return "n/a"
+        if self.n == 1 or not math.isfinite(self.std):
+            return f"{float(self):.{digits}f}"
+        return f"{float(self):.{digits}f} ± {self.std:.{digits}f}"
+
+    def __str__(self) -> str:
+        if self.integral and self.std == 0:
+            return str(int(self))
+        return self.format(1 if self.integral else 3)
+
+    def __repr__(self) -> str:
+        return f"Stat({self.values})"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def aggregate_runs(values: Sequence):
+    """Several runs' results (dicts as ``fairseq-agg-eval`` or the demo write them) as one:
+    numbers become :class:`Stat` (mean, sample std over the runs), dicts are aggregated key by
+    key (keys present in every run), lists and tuples of equal length element by element;
+    anything else (text, lists of other lengths, None) is taken from the first run."""
+    values = list(values)
+    first = values[0]
+    if all(_is_number(v) for v in values):
+        return Stat(values)
+    if all(isinstance(v, Mapping) for v in values):
+        return OrderedDict((k, aggregate_runs([v[k] for v in values])) for k in first if all(k in v for v in values))
+    if all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) == 1:
+        return [aggregate_runs(list(column)) for column in zip(*values)]
+    return first
 
 
 def svd_projection(weight) -> np.ndarray:

@@ -7,6 +7,9 @@ Table names for ``fairseq-agg-eval compare --tables`` (paper table numbers are a
 name                paper       columns
 ==================  ==========  ==========================================================
 groups              3, 4        PPL and Uniq per frequency group and total, I(W); Human row
+perplexity          -           PPL per frequency group, of the other positions (end of line,
+                                <unk>) and in total, with each part's share of the tokens
+isotropy            -           I(W) and IsoScore (Rudman et al. 2022) per group and in total
 study               1, 2        PPL and I(W) per frequency group and total
 isotropy_groups     10, 11      I(W) of the frequent, medium and rare rows
 wordsim             6           Spearman rho x 100 on MEN, WS353, RG65, RW
@@ -23,11 +26,14 @@ cross_lingual       14          nearest neighbours of source tokens in the share
 ==================  ==========  ==========================================================
 """
 
+import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
-LM_TABLES = ("groups", "study", "isotropy_groups", "wordsim", "ablation", "generation", "repetition", "geometry", "post_hoc",
-             "neighbours")
-MT_TABLES = ("bleu", "isotropy_groups", "geometry", "post_hoc", "cross_lingual")
+from fairseq_agg.metrics import Stat
+
+LM_TABLES = ("groups", "perplexity", "study", "isotropy_groups", "isotropy", "wordsim", "ablation", "generation", "repetition",
+             "geometry", "post_hoc", "neighbours")
+MT_TABLES = ("bleu", "isotropy_groups", "isotropy", "geometry", "post_hoc", "cross_lingual")
 TABLE_ALIASES = {"1": "study", "2": "study", "3": "groups", "4": "groups", "10": "isotropy_groups", "11": "isotropy_groups", "6": "wordsim",
                  "8": "ablation", "9": "ablation", "5": "generation", "15": "generation", "13": "neighbours",
                  "7": "bleu", "14": "cross_lingual"}
@@ -38,6 +44,8 @@ GROUP_HEAD = ("Freq", "Med", "Rare")
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Stat):  # several runs of one method: mean ± sample std
+        return value.format(digits)
     if isinstance(value, int):
         return str(value)
     if value != value:  # NaN
@@ -61,7 +69,54 @@ def _groups_table(runs: Mapping[str, Dict]) -> str:
                      *(str(r["uniq"][g]) for g in GROUPS), str(r["uniq"]["total"]), _fmt(r["isotropy"]["total"], 3)])
     human = next(iter(runs.values()))["human"]
     rows.append(["Human", "-", "-", "-", "-", *(str(human[g]) for g in GROUPS), str(human["total"]), "-"])
-    return _table(header, rows)
+    notes = []
+    for name, r in runs.items():
+        other = r["ppl"].get("other")
+        if other and other["tokens"]:
+            share = float(other["tokens"]) / float(r["ppl"]["total"]["tokens"])
+            notes.append(f"{name} {_fmt(other['ppl'])} ({100 * share:.0f}% of the tokens)")
+    text = _table(header, rows)
+    if notes:
+        text += ("\n\nPPL Total covers every scored position, the groups only the positions whose target is a "
+                 "regular token; the others (end of line, `<unk>`) have PPL " + "; ".join(notes)
+                 + " (the perplexity table shows them).")
+    return text
+
+
+PPL_PARTS = (("frequent", "Freq"), ("medium", "Med"), ("rare", "Rare"), ("other", "Other"), ("total", "Total"))
+
+
+def _perplexity_table(runs) -> str:
+    header = ["Method", *(f"PPL {h}" for _, h in PPL_PARTS), *(f"tokens {h}" for _, h in PPL_PARTS[:-1])]
+    rows = []
+    for name, r in runs.items():
+        total = float(r["ppl"]["total"]["tokens"]) or math.nan
+        cells = [name]
+        for part, _ in PPL_PARTS:
+            entry = r["ppl"].get(part)
+            cells.append(_fmt(entry["ppl"]) if entry else "-")
+        for part, _ in PPL_PARTS[:-1]:
+            entry = r["ppl"].get(part)
+            cells.append(f"{100 * float(entry['tokens']) / total:.1f}%" if entry else "-")
+        rows.append(cells)
+    return _table(header, rows) + ("\n\nOther: positions whose target is in no frequency group (end of line `</s>`, "
+                                   "`<unk>`); tokens: each part's share of the scored positions.")
+
+
+def _isotropy_isoscore_table(runs) -> str:
+    def cells(r, key, g):
+        return _fmt((r.get(key) or {}).get(g), 3)
+
+    header = ["Method", *(f"I(W) {h}" for h in GROUP_HEAD), "I(W) Total", *(f"IsoScore {h}" for h in GROUP_HEAD),
+              "IsoScore Total"]
+    rows = [[n, *(cells(r, "isotropy", g) for g in GROUPS), cells(r, "isotropy", "total"),
+             *(cells(r, "isoscore", g) for g in GROUPS), cells(r, "isoscore", "total")] for n, r in runs.items()]
+    signs = {str(r.get("isotropy_signs", "both")) for r in runs.values()}
+    how = ("over both signs of every eigenvector of W^T W" if signs == {"both"} else
+           "over the eigenvectors with the signs LAPACK returned (--isotropy-signs as_returned)" if signs == {"as_returned"}
+           else "MIXED definitions across the runs (" + ", ".join(sorted(signs)) + "): not comparable")
+    return _table(header, rows) + (f"\n\nI(W): min Z / max Z {how}; IsoScore: Rudman et al. (2022), from the "
+                                   "covariance of the rows ('-': not in this results.json).")
 
 
 def _study_table(runs) -> str:
@@ -213,6 +268,8 @@ def _runs_by_method_and_size(runs) -> Optional[Dict[str, Dict[str, Dict]]]:
 
 TITLES = {
     "groups": "Perplexity and Uniq per frequency group (paper Tables 3-4)",
+    "perplexity": "Perplexity of every part of the test positions",
+    "isotropy": "I(W) and IsoScore",
     "isotropy_groups": "I(W) per frequency group (paper Tables 10-11)",
     "study": "PPL and I(W) per frequency group (paper Tables 1-2)",
     "wordsim": "Word similarity (paper Table 6)",
@@ -230,6 +287,8 @@ TITLES = {
 def _render(name: str, runs) -> Optional[str]:
     return {
         "groups": lambda: _groups_table(runs),
+        "perplexity": lambda: _perplexity_table(runs),
+        "isotropy": lambda: _isotropy_isoscore_table(runs),
         "isotropy_groups": lambda: _isotropy_table(runs),
         "study": lambda: _study_table(runs),
         "wordsim": lambda: _wordsim_table(runs),
@@ -260,9 +319,15 @@ def resolve_tables(tables: Optional[Sequence[str]], kind: str) -> List[str]:
 
 
 def compare_report(runs: Mapping[str, Dict], tables: Optional[Sequence[str]] = None,
-                   figures: Optional[Mapping[str, str]] = None) -> str:
+                   figures: Optional[Mapping[str, str]] = None, run_counts: Optional[Mapping[str, int]] = None) -> str:
+    """``runs``: name -> one run's results, or several runs' results aggregated by
+    :func:`fairseq_agg.metrics.aggregate_runs` (``run_counts``: name -> how many)."""
     kind = next(iter(runs.values()))["kind"]
     parts = [f"# Comparison: {', '.join(runs)}", ""]
+    if run_counts and any(n > 1 for n in run_counts.values()):
+        parts += ["Methods with several runs (seeds) show mean ± sample standard deviation (ddof=1) over the runs: "
+                  + ", ".join(f"{name} {n} run{'s' if n > 1 else ''}" for name, n in run_counts.items())
+                  + ". Perplexities are means of the runs' perplexities. Per-run values: compare.json.", ""]
     for name in resolve_tables(tables, kind):
         body = _render(name, runs)
         if body:
@@ -288,6 +353,14 @@ def run_report(result: Dict) -> str:
         body = _render(name, runs)
         if body:
             parts += [f"## {TITLES[name]}", "", body, ""]
+    if result.get("padding_symbols_excluded"):
+        parts += [f"fairseq's {result['padding_symbols_excluded']} padding symbols (`madeupword0000`, ...) are in no "
+                  "frequency group and are never neighbour queries or neighbours.", ""]
+    warning = (result.get("bleu") or {}).get("warning")
+    if warning:
+        parts += [f"**Warning:** {warning}.", ""]
+    for note in (result.get("training") or {}).get("notes", []):
+        parts += [f"Note: {note}.", ""]
     if result.get("cross_lingual_note"):
         parts += [f"Cross-lingual neighbours: {result['cross_lingual_note']}.", ""]
     for example in (result.get("generation") or {}).get("examples", []):
@@ -301,7 +374,9 @@ def run_report(result: Dict) -> str:
 def summary_line(result: Dict) -> str:
     if result["kind"] == "lm":
         p = result["ppl"]
+        iso = result.get("isoscore", {}).get("total")
         return (f"{result['name']}: PPL {p['total']['ppl']:.2f} (rare {p['rare']['ppl']:.2f}), "
-                f"Uniq {result['uniq']['total']}, I(W) {result['isotropy']['total']:.3f}")
+                f"Uniq {result['uniq']['total']}, I(W) {result['isotropy']['total']:.3f}"
+                + (f", IsoScore {iso:.3f}" if iso is not None else ""))
     return (f"{result['name']}: BLEU {result['bleu']['tokenized_compound_split']:.2f} (tokenized, compound split), "
             f"sacreBLEU {result['bleu']['sacrebleu']:.2f}, I(W) {result['isotropy']['total']:.3f}")

@@ -329,6 +329,42 @@ def test_no_marked_embedding_names_the_fix(lm_data):
     assert len(coupled) == 1
 
 
+def test_reference_weight_decay_spares_embeddings_and_1d_parameters(lm_data):
+    """--coupled-adam-weight-decay reference: no decay on the embedding matrices and on 1-D
+    parameters (the Coupled Adam reference runs); every other matrix decays. The default, all,
+    decays everything as fairseq's adam. The choice survives fairseq's optimizer overrides on
+    resume, and a state of the other choice is refused."""
+    cfg, model = build(lm_args(lm_data, "--coupled-adam-weight-decay", "reference", "--weight-decay", "0.1"))
+    optimizer, _, _ = coupled_groups(cfg, model)
+    groups = optimizer.optimizer.param_groups
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    embedding = model.decoder.embed_tokens.weight
+    assert decay[id(embedding)] == 0.0
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.0 if p.dim() < 2 or p is embedding else 0.1), name
+    assert [(g["coupled"], bool(g.get("no_decay"))) for g in groups] == [(True, True), (False, False), (False, True)]
+    # one step with a zero gradient: only the decayed matrices move
+    params = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    fc = model.decoder.layers[0].fc1
+    assert torch.equal(embedding.detach(), params[id(embedding)])
+    assert torch.equal(fc.bias.detach(), params[id(fc.bias)])
+    ratio = fc.weight.detach() / params[id(fc.weight)]
+    assert torch.allclose(ratio, torch.full_like(ratio, 1 - 1e-3 * 0.1), rtol=0, atol=1e-6), ratio.flatten()[:4]
+    # resume: fairseq's overrides put --weight-decay on every group; the undecayed stay undecayed
+    state = optimizer.state_dict()
+    again, _, _ = coupled_groups(cfg, model)
+    again.load_state_dict(state, optimizer_overrides=again.optimizer_config)
+    assert [g["weight_decay"] for g in again.optimizer.param_groups] == [0.0, 0.1, 0.0]
+    cfg_all, _ = build(lm_args(lm_data, "--weight-decay", "0.1"))
+    default, _, _ = coupled_groups(cfg_all, model)
+    assert [g["weight_decay"] for g in default.optimizer.param_groups] == [0.1, 0.1]
+    with pytest.raises(ValueError, match="--coupled-adam-weight-decay; resume with the same settings or add --reset-optimizer"):
+        default.load_state_dict(state)
+
+
 def test_state_of_another_optimizer_is_refused(lm_data):
     from fairseq.optim.adam import Adam as FairseqAdam
 

@@ -45,3 +45,29 @@ def test_agg_output_embedding_is_more_isotropic(quick_demo):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="lacks wiki.train.tokens"):
         demo.main(["--data", str(tmp_path), "--workdir", str(tmp_path / "work")])
+
+
+def test_seeds_give_each_seed_and_numpys_mean_and_sample_std(tmp_path):
+    """--seeds trains every model once per seed (here a tiny model for a few updates)."""
+    import numpy as np
+
+    workdir = tmp_path / "seeds"
+    results = demo.run_demo(["--seeds", "1", "2", "3", "--max-update", "3", "--embed-dim", "16", "--layers", "1",
+                             "--threshold", "20", "--tokens-per-sample", "32", "--max-tokens", "256",
+                             "--workdir", str(workdir), "--jobs", "2"])
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["settings"]["seeds"] == [1, 2, 3] and "ddof=1" in on_disk["std"]
+    for name in ("mle", "agg"):
+        run = on_disk["runs"][name]
+        assert run["n"] == 3 and sorted(run["seeds"]) == ["1", "2", "3"]
+        for key in ("I(W)", "IsoScore", "I(W) rare", "test_ppl"):
+            per_seed = [run["seeds"][s][key] for s in ("1", "2", "3")]
+            assert run["mean"][key] == pytest.approx(np.mean(per_seed), rel=1e-12)
+            assert run["std"][key] == pytest.approx(np.std(per_seed, ddof=1), rel=1e-9)
+        for seed in (1, 2, 3):
+            assert (workdir / f"{name}-seed{seed}" / "checkpoint_last.pt").is_file()
+    # the seeds differ (else the std says nothing)
+    assert len({on_disk["runs"]["mle"]["seeds"][s]["I(W)"] for s in ("1", "2", "3")}) == 3
+    table = demo.format_table(results["runs"])
+    mean, std = results["runs"]["agg"]["mean"]["I(W)"], results["runs"]["agg"]["std"]["I(W)"]
+    assert f"{mean:.3f} ± {std:.3f}" in table

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fairseq_agg import eval as agg_eval
@@ -120,6 +121,49 @@ def test_log_points_read_the_simple_and_json_formats(tmp_path):
     assert agg_eval.log_points(log, "valid", "loss") == [(20, 9.0), (40, 8.5)]  # nll_loss is another key
 
 
+def test_log_points_read_fairseqs_log_file_format(tmp_path):
+    """fairseq-train --log-file writes the bare messages, without the console's tags (as
+    fairseq 0.12 wrote them for this plug-in's task): simple and json formats."""
+    simple = tmp_path / "simple.log"
+    simple.write_text(
+        "{'_name': None, 'common': {'log_file': 'x.log', 'valid_subset': 'valid'}}\n"
+        "begin dry-run validation on \"valid\" subset\n"
+        "epoch 001:      2 / 51 loss=11.849, nll_loss=11.849, agg_rare=2586, ppl=3688.25, wps=21669.2, num_updates=2, "
+        "lr=0.001\n"
+        "epoch 001 | valid on 'valid' subset | loss 11.707 | nll_loss 11.707 | agg_rare 2273 | isotropy 0.9837 | "
+        "ppl 3343.95 | num_updates 3\n"
+        "epoch 001:      4 / 51 loss=11.885, nll_loss=11.885, agg_rare=2330.5, ppl=3783.01, num_updates=4\n"
+        "epoch 001 | loss 11.885 | nll_loss 11.885 | agg_rare 2350.5 | ppl 3781.02 | num_updates 6 | lr 0.001\n",
+        encoding="utf-8")
+    assert agg_eval.parse_train_log(simple) == [(2, 2586.0), (4, 2330.5)]  # not the epoch summary's 2350.5
+    assert agg_eval.log_points(simple, "valid", "isotropy") == [(3, 0.9837)]
+    as_json = tmp_path / "json.log"
+    as_json.write_text(
+        '{"epoch": 1, "update": 0.04, "loss": "11.849", "agg_rare": "2586", "num_updates": "2"}\n'
+        '{"epoch": 1, "valid_loss": "11.707", "valid_isotropy": "0.9837", "valid_num_updates": "3"}\n'
+        '{"epoch": 1, "train_loss": "11.885", "train_agg_rare": "2350.5", "train_num_updates": "6"}\n',
+        encoding="utf-8")
+    assert agg_eval.parse_train_log(as_json) == [(2, 2586.0)]
+    assert agg_eval.log_points(as_json, "valid", "isotropy") == [(3, 0.9837)]
+
+
+def test_a_curve_without_points_is_named(tmp_path, capsys):
+    from argparse import Namespace
+
+    log = tmp_path / "train.log"
+    log.write_text("nothing fairseq wrote\n", encoding="utf-8")
+    args = Namespace(train_log=log, path=tmp_path / "checkpoint_last.pt", no_training_curves=True,
+                     no_progress_bar=True)
+    curves = agg_eval.training_curves(args, {}, {"criterion": "agg_cross_entropy"})
+    assert curves["rare_group_size"] == []
+    assert any("rare-group curve has no points" in n for n in curves["notes"])
+    assert "rare-group curve has no points" in capsys.readouterr().err
+    from fairseq_agg import figures
+
+    png = figures.rare_group_size(tmp_path / "rare.png", {"AGG": []})
+    assert open(png, "rb").read().startswith(PNG_MAGIC)
+
+
 def test_mle_run_has_no_rare_group_curve(demo_evals):
     _, evals = demo_evals
     result, _ = evals["mle"]
@@ -131,9 +175,91 @@ def test_isotropy_matches_the_demo_table(quick_demo, demo_evals):
     _, demo_results = quick_demo
     _, evals = demo_evals
     for name in ("mle", "agg"):
-        iso = evals[name][0]["isotropy"]
-        assert iso["total"] == pytest.approx(demo_results["runs"][name]["I(W)"], rel=1e-9)
-        assert iso["rare"] == pytest.approx(demo_results["runs"][name]["I(W) rare"], rel=1e-9)
+        result = evals[name][0]
+        assert result["isotropy_signs"] == "both"
+        for key, demo_key in (("isotropy", "I(W)"), ("isoscore", "IsoScore")):
+            assert result[key]["total"] == pytest.approx(demo_results["runs"][name][demo_key], rel=1e-9)
+            assert result[key]["rare"] == pytest.approx(demo_results["runs"][name][f"{demo_key} rare"], rel=1e-9)
+
+
+def test_report_shows_the_other_positions_and_isoscore(demo_evals):
+    _, evals = demo_evals
+    result, out = evals["mle"]
+    report = (out / "report.md").read_text()
+    other = result["ppl"]["other"]
+    assert other["tokens"] > 0
+    assert "| Method | PPL Freq | PPL Med | PPL Rare | PPL Other | PPL Total |" in report
+    assert f"| {report_number(other['ppl'])} |" in report
+    assert "the others (end of line, `<unk>`) have PPL MLE " + report_number(other["ppl"]) in report
+    assert "| Method | I(W) Freq | I(W) Med | I(W) Rare | I(W) Total | IsoScore Freq |" in report
+    assert f"{result['isoscore']['total']:.3f}" in report
+
+
+def report_number(value):
+    return f"{value:.2f}"
+
+
+def test_padding_symbols_are_in_no_group_and_never_neighbours(tmp_path):
+    """The demo binarizes without fairseq's padding symbols; a dictionary that has them
+    (fairseq-preprocess's default --padding-factor 8) keeps them out of the groups, the
+    neighbour queries and the neighbours."""
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()
+    for i, word in enumerate(["the", "of", "cat", "dog", "zebra", "okapi", "quokka", "numbat", "aye-aye"]):
+        dictionary.add_symbol(word, n=100 - 10 * i)
+    dictionary.pad_to_multiple_(8)
+    fillers = [i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")]
+    assert len(fillers) == 3
+    groups, found = agg_eval.dictionary_groups(dictionary, agg_eval.load_dictionary_counts(dictionary))
+    assert found.tolist() == fillers
+    grouped = set(np.concatenate(list(groups.values())).tolist())
+    assert grouped == set(range(dictionary.nspecial, len(dictionary))) - set(fillers)
+    assert groups["rare"].tolist() == [11, 12]  # numbat, aye-aye: the least frequent words, not fillers
+    assert not set(agg_eval.word_rows(dictionary, found).tolist()) & set(fillers)
+    queries = agg_eval.choose_queries(Namespace(neighbours=None), dictionary, groups)
+    assert queries and not set(queries) & set(fillers)
+
+
+def test_compare_with_several_runs_per_method_gives_mean_and_sample_std(demo_evals, tmp_path):
+    _, evals = demo_evals
+    folders, values = [], {"MLE": [], "AGG": []}
+    for method, key, shifts in (("MLE", "mle", (0.0, 3.0, -1.5)), ("AGG", "agg", (0.0, -2.0, 4.5))):
+        base = json.loads((evals[key][1] / "results.json").read_text())
+        for i, shift in enumerate(shifts):
+            run = json.loads(json.dumps(base))
+            run["ppl"]["total"]["ppl"] += shift
+            run["isotropy"]["total"] = min(1.0, run["isotropy"]["total"] * (1 - 0.01 * i))
+            run["isoscore"]["rare"] += 0.001 * i
+            folder = tmp_path / f"{key}{i}"
+            folder.mkdir()
+            (folder / "results.json").write_text(json.dumps(run))
+            folders.append(str(folder))
+            values[method].append(run)
+    out = tmp_path / "cmp"
+    agg_eval.main(["compare", *folders, "--out", str(out), "--names", *["MLE"] * 3, *["AGG"] * 3])
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["runs"] == ["MLE", "AGG"] and "ddof=1" in summary["std"]
+    text = (out / "compare.md").read_text()
+    for method, runs in values.items():
+        got = summary["methods"][method]["summary"]
+        for label, pick in (("ppl total", lambda r: r["ppl"]["total"]["ppl"]), ("I(W) total", lambda r: r["isotropy"]["total"]),
+                            ("IsoScore rare", lambda r: r["isoscore"]["rare"])):
+            per_run = [pick(r) for r in runs]
+            assert got[label]["values"] == per_run
+            assert got[label]["mean"] == pytest.approx(np.mean(per_run), rel=1e-12)
+            assert got[label]["std"] == pytest.approx(np.std(per_run, ddof=1), rel=1e-9)
+        ppl = [r["ppl"]["total"]["ppl"] for r in runs]
+        assert f"{np.mean(ppl):.2f} ± {np.std(ppl, ddof=1):.2f}" in text
+    assert "mean ± sample standard deviation (ddof=1)" in text and "MLE 3 runs, AGG 3 runs" in text
+    # runs trained otherwise cannot be one method
+    other = json.loads((tmp_path / "agg0" / "results.json").read_text())
+    other["trained_with"]["agg_alpha"] = 0.5
+    (tmp_path / "agg1" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="trained with different settings"):
+        agg_eval.main(["compare", *folders[3:], "--out", str(tmp_path / "bad"), "--names", "AGG", "AGG", "AGG"])
 
 
 def _fairseq_eval_lm(workdir, name, tokens_per_sample, context_window):
@@ -283,6 +409,9 @@ def test_mt_bleu_of_a_written_generate_output_matches_sacrebleu(mt_eval, mt_data
     detokenized = sacrebleu.corpus_bleu([MosesDetokenizer(lang="de").detokenize(h.split()) for h in hyps], [raw]).score
     assert 20 < tokenized < 90 and 20 < detokenized < 90  # neither trivially 0 nor 100
     assert bleu["sentences"] == 5
+    assert bleu["sentences_in_split"] == 40  # mt_data's test split
+    assert "scores 5 of the 40 sentences of 'test' (35 left out: ids 5, 6, 7" in bleu["warning"]
+    assert "**Warning:**" in (out / "report.md").read_text()
     assert bleu["tokenized_compound_split"] == pytest.approx(tokenized, abs=0.005)
     assert bleu["sacrebleu"] == pytest.approx(detokenized, abs=0.005)
     assert bleu["sacrebleu_reference"].startswith("raw reference")

@@ -235,3 +235,41 @@ def test_detokenized_bleu_matches_sacrebleu_cli(tmp_path):
 def test_bleu_refuses_misaligned_files():
     with pytest.raises(ValueError, match="5 hypotheses but 4 references"):
         metrics.tokenized_bleu(HYPS, REFS[:4])
+
+
+# -- padding symbols, several runs ---------------------------------------------------------------
+
+def test_padding_symbols_are_in_no_group():
+    symbols = ["<s>", "<pad>", "</s>", "<unk>", "the", "a", "cat", "madeupword", "dog", "madeupword0000",
+               "madeupword0001"]
+    counts = [0, 0, 0, 0, 50, 40, 3, 2, 1, 0, 0]  # "madeupword" (no digits) is a real word here
+    fillers = metrics.filler_symbols(symbols, counts)
+    assert fillers.tolist() == [9, 10]
+    groups = metrics.frequency_groups(counts, NSPECIAL, exclude=fillers)
+    grouped = np.concatenate(list(groups.values()))
+    assert sorted(grouped.tolist()) == [4, 5, 6, 7, 8]
+    assert groups["rare"].tolist() == [8]  # the fractions apply to the five words
+    assert 9 not in grouped and 10 not in grouped
+
+
+def test_stat_is_numpys_mean_and_sample_std():
+    values = [174.09, 175.3, 172.8]
+    stat = metrics.Stat(values)
+    assert float(stat) == pytest.approx(np.mean(values), rel=1e-15)
+    assert stat.std == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+    assert stat.format(2) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    assert str(metrics.Stat([12, 12, 12])) == "12"
+    assert np.isnan(metrics.Stat([1.0]).std) and metrics.Stat([1.0]).format(2) == "1.00"
+
+
+def test_aggregate_runs_takes_every_number_of_every_run():
+    runs = [{"name": "AGG", "ppl": {"total": {"ppl": 180.0 + i, "tokens": 100}}, "singular_values": [1.0, 0.5 + i / 10],
+             "neighbours": [{"query": "x", "neighbours": ["a", "b"]}], "trained_with": {"criterion": "agg_cross_entropy"}}
+            for i in range(3)]
+    agg = metrics.aggregate_runs(runs)
+    assert agg["name"] == "AGG" and agg["trained_with"]["criterion"] == "agg_cross_entropy"
+    total = agg["ppl"]["total"]["ppl"]
+    assert total.values == [180.0, 181.0, 182.0] and total.std == pytest.approx(1.0)
+    assert str(agg["ppl"]["total"]["tokens"]) == "100"
+    assert float(agg["singular_values"][1]) == pytest.approx(0.6)
+    assert agg["neighbours"][0]["neighbours"] == ["a", "b"]

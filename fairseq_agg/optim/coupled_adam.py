@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 TAG_KEY = "coupled_adam_embedding"
 ROLES = ("input", "output")
 SELECTIONS = ("all", "none") + ROLES
+# --coupled-adam-weight-decay: "all" decays every parameter (fairseq's adam); "reference" as
+# the Coupled Adam authors' runs: no weight decay on the embedding matrices nor on 1-D
+# parameters (biases, layer norms), the other matrices decayed.
+WEIGHT_DECAY_CHOICES = ("all", "reference")
 
 # Where fairseq's language and translation models keep their token embeddings.
 _EMBEDDING_MODULES = (
@@ -152,6 +156,14 @@ class CoupledAdamConfig(FairseqDataclass):
             "list of parameter names among the marked ones"
         },
     )
+    coupled_adam_weight_decay: str = field(
+        default="all",
+        metadata={
+            "help": "which parameters --weight-decay applies to: all (default, as fairseq's adam) or reference (as "
+            "the Coupled Adam reference runs: not the marked embedding matrices, not 1-D parameters such as "
+            "biases and layer norms)"
+        },
+    )
     lr: List[float] = II("optimization.lr")
 
 
@@ -197,13 +209,20 @@ class FairseqCoupledAdam(FairseqOptimizer):
                     f"embedding matrices ({', '.join(sorted(known)) or 'none'}); to couple other parameters, "
                     f"mark them with fairseq_agg.optim.mark_embedding_parameters(model, names=[...])"
                 )
-        coupled, plain = [], []
+        decay_choice = str(cfg.coupled_adam_weight_decay).strip()
+        if decay_choice not in WEIGHT_DECAY_CHOICES:
+            raise AggConfigError(f"--coupled-adam-weight-decay: choose one of {', '.join(WEIGHT_DECAY_CHOICES)}, "
+                                 f"got {decay_choice!r}")
+        reference = decay_choice == "reference"
+        coupled, plain, plain_no_decay = [], [], []
         for param, tag in zip(params, tags):
             if tag is not None and selection != "none" and _selected(tag, selection, names):
                 coupled.append(param)
                 logger.info(
                     f"coupled_adam: {' = '.join(tag['names'])} {tuple(param.shape)} shares one second moment per column"
                 )
+            elif reference and (tag is not None or param.dim() < 2):
+                plain_no_decay.append(param)
             else:
                 plain.append(param)
         if selection != "none" and not coupled:
@@ -211,8 +230,16 @@ class FairseqCoupledAdam(FairseqOptimizer):
                 f"--coupled-adam-embeddings {selection} selects none of the marked embedding matrices "
                 f"({'; '.join(' = '.join(t['names']) + ' [' + ', '.join(t['roles']) + ']' for t in marked)})"
             )
-        groups = [{"params": group, "coupled": flag} for group, flag in ((coupled, True), (plain, False)) if group]
-        self._optimizer = CoupledAdam(groups, **self.optimizer_config)
+        groups = [{"params": coupled, "coupled": True}, {"params": plain, "coupled": False},
+                  {"params": plain_no_decay, "coupled": False}]
+        if reference:
+            # the marked embeddings (coupled or not) and the 1-D parameters are not decayed
+            for group in (groups[0], groups[2]):
+                group.update(weight_decay=0.0, no_decay=True)
+            logger.info(f"coupled_adam: --coupled-adam-weight-decay reference: no weight decay on "
+                        f"{len(coupled) + len(plain_no_decay)} tensors (embedding matrices, 1-D parameters), "
+                        f"{cfg.weight_decay} on {len(plain)} other matrices")
+        self._optimizer = CoupledAdam([g for g in groups if g["params"]], **self.optimizer_config)
 
     @property
     def optimizer_config(self):
@@ -235,16 +262,22 @@ class FairseqCoupledAdam(FairseqOptimizer):
         return False
 
     def load_state_dict(self, state_dict, optimizer_overrides=None):
-        saved = [(bool(g.get("coupled", False)), len(g["params"])) for g in state_dict["param_groups"]]
-        current = [(g["coupled"], len(g["params"])) for g in self.optimizer.param_groups]
+        saved = [(bool(g.get("coupled", False)), bool(g.get("no_decay", False)), len(g["params"]))
+                 for g in state_dict["param_groups"]]
+        current = [(g["coupled"], bool(g.get("no_decay", False)), len(g["params"])) for g in self.optimizer.param_groups]
         if saved != current:
 
             def describe(groups):
-                return ", ".join(f"{n} {'coupled' if flag else 'plain'}" for flag, n in groups) or "nothing"
+                return ", ".join(f"{n} {'coupled' if flag else 'plain'}{' undecayed' if no_decay else ''}"
+                                 for flag, no_decay, n in groups) or "nothing"
 
             raise AggConfigError(
                 f"the checkpoint's optimizer state ({describe(saved)} parameters) does not fit this "
                 f"coupled_adam ({describe(current)}): it comes from another optimizer or another "
-                f"--coupled-adam-embeddings; resume with the same settings or add --reset-optimizer"
+                f"--coupled-adam-embeddings or --coupled-adam-weight-decay; resume with the same settings or add "
+                f"--reset-optimizer"
             )
         super().load_state_dict(state_dict, optimizer_overrides)
+        for group in self.optimizer.param_groups:
+            if group.get("no_decay"):
+                group["weight_decay"] = 0.0  # fairseq's overrides set --weight-decay on every group

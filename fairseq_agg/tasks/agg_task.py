@@ -175,7 +175,7 @@ class AggTaskMixin:
             self._isotropy_due = False
             weight = output_embedding(model)
             if weight is not None:
-                logging_output["isotropy"] = isotropy(weight)
+                logging_output["isotropy"] = isotropy(weight, signs="both")  # sign-independent I(W)
                 logging_output["isotropy_logs"] = 1
         return loss, sample_size, logging_output
 
