@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a tiny MLE and an AGG language model on CPU and compare their "
         "perplexity and output-embedding isotropy I(W).",
     )
+    p.add_argument("--framework", choices=("fairseq", "hf"), default="fairseq",
+                   help="fairseq (default): fairseq-train with the plug-in; hf: a tiny GPT2LMHeadModel with "
+                        "transformers' Trainer against AggTrainer (python -m fairseq_agg.hf_demo --help for its options)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with wiki.{train,valid,test}.tokens (default: the repo's data/wikitext-2)")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"),
@@ -480,6 +483,13 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    framework = argparse.ArgumentParser(add_help=False)
+    framework.add_argument("--framework", choices=("fairseq", "hf"), default="fairseq")
+    known, _ = framework.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.framework == "hf":
+        from fairseq_agg import hf_demo
+
+        return hf_demo.main(sys.argv[1:] if argv is None else argv)
     run_demo(argv)
     return 0
 

@@ -57,10 +57,13 @@ def test_hf_demo_word_level_in_two_processes(tmp_path, capsys):
 @needs_transformers
 @pytest.mark.usefixtures("one_thread")
 def test_hf_demo_gpt2_bpe(tmp_path):
-    from fairseq_agg.hf_demo import main, run_hf_demo
+    from fairseq_agg import demo
+    from fairseq_agg.hf_demo import run_hf_demo
 
     results = run_hf_demo([*TINY, "--tokenizer", "gpt2-bpe", "--jobs", "1", "--workdir", str(tmp_path)])
     mle, agg = results["runs"]["mle"], results["runs"]["agg"]
     assert mle["vocab_size"] == agg["vocab_size"] < 50257  # BPE ids of the train lines, renumbered
     assert mle["num_updates"] == agg["num_updates"] == 3 and agg["rare_group_size"] > 0
-    assert main([*TINY, "--jobs", "1", "--workdir", str(tmp_path), "--runs", "agg"]) == 0
+    # python -m fairseq_agg.demo --framework hf runs the same demo
+    assert demo.main(["--framework", "hf", *TINY, "--jobs", "1", "--workdir", str(tmp_path / "via-demo"), "--runs", "agg"]) == 0
+    assert json.loads((tmp_path / "via-demo" / "results.json").read_text())["runs"]["agg"]["num_updates"] == 3
