@@ -15,7 +15,11 @@ from fairseq_agg import eval as agg_eval
 
 from conftest import REPO, lm_train, mt_train, run_all, subprocess_env
 
-FAIL_WITHIN = 5.0  # seconds from the start of the process (the issue's bound)
+# The checks must run before any scoring: a refusal costs the command's start-up (importing torch
+# and fairseq, about 2.5 s on an idle 2-core machine) plus well under a second, never a scoring
+# pass. Measured against the start-up of the same interpreter on the same machine, so that a
+# loaded CI runner does not fail it; the issue's budget is 5 s in all on an idle machine.
+CHECK_BUDGET = 2.0  # seconds beyond the start-up
 
 # fairseq 0.12's text_to_speech task configures the root logger when fairseq is imported and,
 # without tensorboardX installed, logs this notice before any code of the plug-in runs.
@@ -70,8 +74,17 @@ CASES = {
 }
 
 
+@pytest.fixture
+def startup_seconds():
+    """Wall time of starting the command without running it, measured now (the machine's load now)."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import fairseq_agg.eval"], check=True, capture_output=True,
+                   env=subprocess_env(), cwd=str(REPO), timeout=300)
+    return time.monotonic() - start
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_fails_in_one_line_before_scoring(case, checkpoints, lm_data, mt_data, tmp_path):
+def test_bad_input_fails_in_one_line_before_scoring(case, checkpoints, lm_data, mt_data, tmp_path, startup_seconds):
     command, changes, fragments = CASES[case]
     options = {"--path": checkpoints[command], "--out": tmp_path / "out", **changes(tmp_path, checkpoints)}
     argv = [sys.executable, "-m", "fairseq_agg.eval", command, str(lm_data if command == "lm" else mt_data),
@@ -90,7 +103,7 @@ def test_bad_input_fails_in_one_line_before_scoring(case, checkpoints, lm_data, 
         assert fragment in message, message
     assert "[eval]" not in proc.stderr + proc.stdout  # no scoring (nor anything after it) was started
     assert not (tmp_path / "out").exists()
-    assert elapsed < FAIL_WITHIN, f"failed after {elapsed:.1f}s: {message}"
+    assert elapsed - startup_seconds < CHECK_BUDGET, f"failed after {elapsed:.1f}s (start-up {startup_seconds:.1f}s): {message}"
 
 
 def _refusal(argv) -> str:

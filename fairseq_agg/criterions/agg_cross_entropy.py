@@ -13,7 +13,7 @@ from omegaconf import II
 
 from fairseq_agg import core
 from fairseq_agg.errors import AggConfigError
-from fairseq_agg.modeling import output_projection_weight  # noqa: F401  (also imported from here)
+from fairseq_agg.modeling import output_projection_weight
 
 STUDY_MODES = ["none", "freeze", "detach_b", "detach_c", "detach_bc"]
 # (g1, g2) on the static rare group: part (b) is gated by g1, part (c) by g2.

@@ -85,9 +85,10 @@ class AggArguments:
     agg_static_after: Optional[int] = field(
         default=None, metadata={"help": "ablation: freeze the rare group and its gates after this many steps"}
     )
-    agg_chunk_size: int = field(
-        default=0,
-        metadata={"help": "compute the loss over chunks of this many positions (never all logits at once); 0: one pass"},
+    agg_chunk_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "compute the loss over chunks of this many positions (never all logits at once); "
+                          "0: one pass; default: picked by shape (256 positions or more)"},
     )
 
     def __post_init__(self):

@@ -20,8 +20,9 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
-from fairseq_agg.remedies import CoupledAdam
 from fairseq_agg.errors import AggConfigError
+from fairseq_agg.modeling import unwrap
+from fairseq_agg.remedies import CoupledAdam
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ _HOW_TO_MARK = (
     "embeddings when they build the model; with another task, call "
     "fairseq_agg.optim.mark_embedding_parameters(model) in its build_model"
 )
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # fairseq's data-parallel wrappers
-        model = model.module
-    return model
 
 
 def _submodule(model: torch.nn.Module, path: str) -> Optional[torch.nn.Module]:
@@ -99,7 +94,7 @@ def mark_embedding_parameters(model: torch.nn.Module, names: Optional[Sequence[s
 
     Returns {primary name: {"names": [...], "roles": [...]}} for the marked tensors.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     all_names: Dict[int, List[str]] = {}
     by_name: Dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
