@@ -440,12 +440,14 @@ def test_isotropy_of_the_output_embedding_is_logged_at_each_validation(isotropy_
     for record in run.records["valid"]:
         logged.setdefault(int(record["valid_num_updates"]), float(record["valid_isotropy"]))
     assert {2, 4} <= set(logged)
+    weights = {}
     for update in (2, 4):
         (path,) = run.save_dir.glob(f"checkpoint_*_{update}.pt")
         state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-        weight = state.get("decoder.output_projection.weight", state["decoder.embed_tokens.weight"])
-        assert logged[update] == pytest.approx(isotropy(weight), abs=6e-5)  # logged to 4 digits
-    assert logged[2] != logged[4]
+        weights[update] = state.get("decoder.output_projection.weight", state["decoder.embed_tokens.weight"])
+        assert logged[update] == pytest.approx(isotropy(weights[update]), abs=6e-5)  # logged to 4 digits
+    # Each validation saw the weights of its own update (two updates apart, I(W) may agree to 4 digits).
+    assert not torch.equal(weights[2], weights[4])
 
 
 def test_no_valid_isotropy_turns_it_off(isotropy_runs):
