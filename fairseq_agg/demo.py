@@ -412,12 +412,13 @@ TABLE_ROWS = (
 )
 
 
-def format_table(runs: Dict[str, Dict]) -> str:
-    """One column per model; with several seeds (``combine_seeds``) mean ± sample std."""
+def format_table(runs: Dict[str, Dict], rows=TABLE_ROWS) -> str:
+    """One column per model, one line per (label, key, digits) of ``rows``; with several seeds
+    (``combine_seeds``) mean ± sample std. Also the HF demo's table."""
     names = list(runs)
     header = ["", *(n.upper() for n in names)]
     body = []
-    for label, key, digits in TABLE_ROWS:
+    for label, key, digits in rows:
         cells = [label]
         for n in names:
             run = runs[n]

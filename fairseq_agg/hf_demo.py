@@ -34,6 +34,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from fairseq_agg.demo import format_table
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA = PACKAGE_DIR.parent / "data" / "wikitext-2"
 GPT2_BPE = PACKAGE_DIR.parent / "data" / "gpt2_bpe"
@@ -211,18 +213,6 @@ TABLE_ROWS = (
 )
 
 
-def format_table(runs: Dict[str, Dict]) -> str:
-    header = ["", *(name.upper() for name in runs)]
-    body = [[label, *("-" if runs[n].get(key) is None else f"{runs[n][key]:.{digits}f}" for n in runs)]
-            for label, key, digits in TABLE_ROWS]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
-
-
 def train_in_processes(names: List[str], args, argv: Optional[List[str]]) -> Dict[str, Dict]:
     """Each model in its own process, ``--jobs`` at a time, the CPU threads split between them
     (on a small machine one intra-op thread per model is much faster than two models sharing)."""
@@ -282,7 +272,7 @@ def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
         runs = train_in_processes(names, args, argv)
     else:
         runs = {name: train_one(name, streams, vocab_size, nspecial, args, args.workdir) for name in names}
-    table = format_table(runs)
+    table = format_table(runs, TABLE_ROWS)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": runs,
