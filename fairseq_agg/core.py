@@ -462,12 +462,11 @@ class _ChunkedGatedLoss(torch.autograd.Function):
     kept, in float32 at least, for backward; no (rows x vocabulary) tensor outlives a chunk.
 
     Memory beyond the inputs: W's gradient, the features' gradient, and one chunk of logits
-    (turned in place into probabilities and then into the logits' gradient) plus, when some
-    rows of the chunk have a rare target, those rows of it."""
+    (turned in place into probabilities and then into the logits' gradient)."""
 
     @staticmethod
     def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
-                ul_rows, ul_tokens, ul_alpha):
+                ul_rows, ul_tokens, ul_alpha, rare_rows_from):
         rows_total, vocab = features.size(0), weight.size(0)
         acc_dtype = torch.promote_types(features.dtype, torch.float32)
         mm_dtype = _matmul_dtype(features.dtype, features.device)
@@ -480,7 +479,6 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         gated = need_w and rare is not None
         if gated:
             g1_acc, g2_acc = g1.to(acc_dtype), g2.to(acc_dtype)
-            g2_minus_g1 = g2_acc - g1_acc
         weight_mm = weight.to(mm_dtype)
         weight_t_mm = weight_mm.t()
         eps_i = epsilon / (vocab - 1)
@@ -539,19 +537,26 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             if not need_w:
                 continue
             h_mm = h.to(mm_dtype)
-            if gated:
-                # (D * Gate)^T H = (D diag(g1))^T H + (D_r diag(g2 - g1))^T H_r + own-target terms,
-                # D_r the rows whose target is rare (eq. 23): their extra share first, then D is
-                # gated by g1 in place.
-                rows = rare[y].nonzero().squeeze(1)
-                if rows.numel() > 0:
-                    d_r, h_r, y_r = grad_logits[rows], h_mm[rows], y[rows]
-                    own = (1.0 - g2_acc[y_r]) * d_r.gather(1, y_r.unsqueeze(1)).squeeze(1)
-                    grad_weight.index_add_(0, y_r, (own.unsqueeze(1) * h[rows].to(acc_dtype)))
-                    d_r.mul_(g2_minus_g1)
-                    _matmul(_scaled(d_r, mm_dtype, mm_scale).t(), h_r, acc_dtype, accumulate=grad_weight, alpha=1 / mm_scale)
-                    del d_r
-                grad_logits.mul_(g1_acc)
+            if gated and rare_rows_from is None:
+                # Rows in their own order (on CUDA, where reading how many rows have a rare target
+                # would stall the host once per micro-batch): D * Gate built in place through one
+                # (chunk x vocabulary) gate, each row's own target column put back ungated.
+                own = grad_logits.gather(1, y.unsqueeze(1))
+                grad_logits.mul_(torch.where(rare[y].unsqueeze(1), g2_acc, g1_acc))
+                grad_logits.scatter_(1, y.unsqueeze(1), own)
+            elif gated:
+                # Rows [rare_rows_from:] are exactly those with a rare target (chunked_gated_loss
+                # orders them so): D * Gate is D with its columns scaled by g1 on the rows before
+                # and by g2 on the rows after, each row's own target column left ungated; so W's
+                # gated gradient is one matmul, as plain cross-entropy's.
+                first_rare = min(max(rare_rows_from - start, 0), end - start)
+                if first_rare > 0:
+                    grad_logits[:first_rare].mul_(g1_acc)
+                if first_rare < end - start:
+                    d_r, y_r = grad_logits[first_rare:], y[first_rare:].unsqueeze(1)
+                    own = d_r.gather(1, y_r)
+                    d_r.mul_(g2_acc)
+                    d_r.scatter_add_(1, y_r, own * (1.0 - g2_acc[y_r]))
             _matmul(_scaled(grad_logits, mm_dtype, mm_scale).t(), h_mm, acc_dtype, accumulate=grad_weight,
                     alpha=1 / mm_scale)
         ctx.save_for_backward(grad_features, grad_weight)
@@ -569,7 +574,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_features = grad_features.mul_(grad_loss).to(features_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
-        return (grad_features, grad_weight) + (None,) * 10
+        return (grad_features, grad_weight) + (None,) * 11
 
 
 FLOAT16_GRADIENT_SCALE = 2.0 ** 10  # |d loss / d logits| <= 1 + epsilon: far below 65504 scaled
@@ -651,11 +656,37 @@ def chunked_gated_loss(
         # Parameters still say requires_grad under no_grad: don't compute their gradients.
         features, weight = features.detach(), weight.detach()
     rare, g1, g2 = (gates.rare, gates.g1, gates.g2) if gates is not None else (None, None, None)
+    rare_rows_from = None
+    if gates is not None and _orders_rare_rows(features.device):
+        features, target, unlikelihood, rare_rows_from = _rare_rows_last(features, target, gates, unlikelihood)
     ul_rows, ul_tokens = unlikelihood if unlikelihood is not None else (None, None)
     return _ChunkedGatedLoss.apply(
         features, weight, target, rare, g1, g2, float(label_smoothing), ignore_index, int(chunk_rows),
-        ul_rows, ul_tokens, float(unlikelihood_alpha),
+        ul_rows, ul_tokens, float(unlikelihood_alpha), rare_rows_from,
     )
+
+
+def _orders_rare_rows(device: torch.device) -> bool:
+    """Whether the chunked path orders rows by rare target (no (chunk x vocabulary) gate; one
+    device-to-host read per call): yes on CPU, not on CUDA, where that read would stall the host."""
+    return device.type != "cuda"
+
+
+def _rare_rows_last(features, target, gates: Gates, pairs):
+    """The rows reordered so that those whose target is rare come last (the loss is a sum over
+    rows, so their order is free): W's gated gradient then needs no per-entry gate. Returns
+    (features, target, unlikelihood pairs remapped with rows ascending, index of the first row
+    with a rare target)."""
+    row_is_rare = gates.rare[target]
+    order = torch.argsort(row_is_rare.to(torch.uint8), stable=True)
+    rare_rows_from = target.numel() - int(row_is_rare.sum())
+    if pairs is not None:
+        new_row = torch.empty_like(order)
+        new_row[order] = torch.arange(order.numel(), device=order.device)
+        rows = new_row[pairs[0]]
+        ascending = torch.argsort(rows, stable=True)
+        pairs = (rows[ascending], pairs[1][ascending])
+    return features[order], target[order], pairs, rare_rows_from
 
 
 MIN_AUTO_CHUNK_ROWS = 256
@@ -705,16 +736,9 @@ def gated_loss(
     gates = _effective_gates(gates, weight)
     rare_rows_from = None
     if gates is not None:
-        # The loss is a sum over rows, so the rows may be reordered: rows with a rare target
-        # last lets the backward gate W's gradient with two matmuls over row blocks.
-        row_is_rare = gates.rare[flat_target]
-        order = torch.argsort(row_is_rare.to(torch.uint8), stable=True)
-        rare_rows_from = flat_target.numel() - int(row_is_rare.sum())
-        features, flat_target = features[order], flat_target[order]
-        if pairs is not None:
-            new_row = torch.empty_like(order)
-            new_row[order] = torch.arange(order.numel(), device=order.device)
-            pairs = (new_row[pairs[0]], pairs[1])
+        # Rows with a rare target last: the backward gates W's gradient with two matmuls over
+        # row blocks.
+        features, flat_target, pairs, rare_rows_from = _rare_rows_last(features, flat_target, gates, pairs)
     lprobs = log_probs(gated_linear(features, weight, flat_target, gates, rare_rows_from))
     loss, nll = label_smoothed_nll_loss(lprobs, flat_target, label_smoothing, ignore_index)
     if pairs is None:
