@@ -272,32 +272,49 @@ def train_all(args, data_bin: Path, names: List[str], seeds: Optional[List[int]]
     CPU threads); returns run key (see :func:`run_key`) -> what its log says."""
     seeds = seeds or [args.seed]
     plan = [(run_key(name, seed, len(seeds) > 1), name, seed) for seed in seeds for name in names]
-    jobs = max(1, min(args.jobs, len(plan)))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     show = (lambda _line: True) if args.verbose else _progress_line
-    runs: Dict[str, Dict] = {}
+
+    def start(item, threads):
+        key, name, seed = item
+        save_dir = fresh_run_dir(args.workdir / key)  # never resume a previous demo's checkpoint
+        options = run_options(args, name)
+        what = " + ".join(options[i + 1] for i, o in enumerate(options) if o in ("--task", "--criterion", "--optimizer"))
+        print(f"[{key}] training ({what}, seed {seed}), log: {save_dir / 'train.log'}", flush=True)
+        cmd = train_command(args, data_bin, save_dir, name, seed)
+        return key, LoggedProcess(cmd, save_dir / "train.log", show, key, threads)
+
+    return {key: summarize_log(lines, seconds, log_path)
+            for key, (lines, seconds, log_path) in run_in_batches(plan, args.jobs, start).items()}
+
+
+def fresh_run_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_in_batches(plan: List, jobs: int, start) -> Dict[str, tuple]:
+    """``start(item, threads)`` -> (key, LoggedProcess) for every item of ``plan``, ``jobs`` at a
+    time, each with its share of the CPU threads; what still runs is killed on an error.
+    Returns key -> (log lines, seconds, log path)."""
+    jobs = max(1, min(jobs, len(plan)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    done: Dict[str, tuple] = {}
     pending = list(plan)
     while pending:
         batch, pending = pending[:jobs], pending[jobs:]
         started = []
         try:
-            for key, name, seed in batch:
-                save_dir = args.workdir / key
-                if save_dir.exists():
-                    shutil.rmtree(save_dir)  # never resume a previous demo's checkpoint
-                save_dir.mkdir(parents=True)
-                options = run_options(args, name)
-                what = " + ".join(options[i + 1] for i, o in enumerate(options) if o in ("--task", "--criterion", "--optimizer"))
-                print(f"[{key}] training ({what}, seed {seed}), log: {save_dir / 'train.log'}", flush=True)
-                cmd = train_command(args, data_bin, save_dir, name, seed)
-                started.append((key, LoggedProcess(cmd, save_dir / "train.log", show, key, threads)))
+            for item in batch:
+                started.append(start(item, threads))
             for key, proc in started:
                 lines = proc.wait()
-                runs[key] = summarize_log(lines, proc.end_time - proc.start_time, proc.log_path)
+                done[key] = (lines, proc.end_time - proc.start_time, proc.log_path)
         finally:
             for _, proc in started:
                 proc.kill()
-    return runs
+    return done
 
 
 def summarize_log(lines: List[str], seconds: float, log_path: Path) -> Dict:

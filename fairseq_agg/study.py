@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from functools import reduce
@@ -137,32 +136,17 @@ def demo_args(opts, data: Path) -> argparse.Namespace:
 
 def train(opts, args, data_bin: Path, plan) -> Dict[str, float]:
     """Train the planned runs, ``opts.jobs`` at a time; run folder -> seconds."""
-    jobs = max(1, min(opts.jobs, len(plan)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     show = (lambda _line: True) if opts.verbose else (lambda line: "Traceback" in line or "Error" in line)
-    seconds: Dict[str, float] = {}
-    pending = list(plan)
-    while pending:
-        batch, pending = pending[:jobs], pending[jobs:]
-        started = []
-        try:
-            for key, alpha, seed in batch:
-                save_dir = opts.workdir / key
-                if save_dir.exists():
-                    shutil.rmtree(save_dir)  # never resume an earlier study's run
-                save_dir.mkdir(parents=True)
-                args.alpha = alpha if alpha is not None else demo.DEFAULT_ALPHA
-                cmd = demo.train_command(args, data_bin, save_dir, "mle" if alpha is None else "agg", seed)
-                print(f"[study] training {key} ({method_name(alpha)}, seed {seed}, {args.max_update} updates)",
-                      flush=True)
-                started.append((key, demo.LoggedProcess(cmd, save_dir / "train.log", show, key, threads)))
-            for key, proc in started:
-                proc.wait()
-                seconds[key] = round(proc.end_time - proc.start_time, 1)
-        finally:
-            for _, proc in started:
-                proc.kill()
-    return seconds
+
+    def start(item, threads):
+        key, alpha, seed = item
+        save_dir = demo.fresh_run_dir(opts.workdir / key)  # never resume an earlier study's run
+        args.alpha = alpha if alpha is not None else demo.DEFAULT_ALPHA
+        cmd = demo.train_command(args, data_bin, save_dir, "mle" if alpha is None else "agg", seed)
+        print(f"[study] training {key} ({method_name(alpha)}, seed {seed}, {args.max_update} updates)", flush=True)
+        return key, demo.LoggedProcess(cmd, save_dir / "train.log", show, key, threads)
+
+    return {key: round(seconds, 1) for key, (_, seconds, _) in demo.run_in_batches(plan, opts.jobs, start).items()}
 
 
 # -- evaluation ------------------------------------------------------------------------------------
