@@ -12,16 +12,12 @@ from a config (no download), float64, dropout 0, on CPU.
 Two processes against one with accumulation: ``tests/test_hf_ddp.py``.
 """
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-if importlib.util.find_spec("transformers") is None:  # pragma: no cover - CI installs the hf extra
-    pytest.skip("transformers is not installed (pip install -e '.[hf]')", allow_module_level=True)
 
 from fairseq_agg.hf import AGG_COUNTER_NAME, AggArguments, AggTrainer  # noqa: E402  (before transformers' models)
 from fairseq_agg.errors import AggConfigError  # noqa: E402

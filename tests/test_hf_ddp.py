@@ -6,7 +6,6 @@ The model has an untied head, which the forward pass reaches only through AGG's 
 still find and reduce its gradient. Run as a script (by torchrun) this file is the worker.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -42,7 +41,6 @@ def _worker(out_dir: str) -> None:
         )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 @pytest.mark.usefixtures("one_thread")
 def test_two_processes_equal_one_with_accumulation(tmp_path):
     import socket

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                        reason="transformers is not installed (pip install -e '.[hf]')")
 
 
 def _load(name):
@@ -26,7 +24,6 @@ def test_nanogpt_example(capsys):
     assert "AGG: valid perplexity" in capsys.readouterr().out
 
 
-@needs_transformers
 @pytest.mark.usefixtures("one_thread")
 def test_hf_example(tmp_path):
     trainer = _load("hf_agg").main(["--output_dir", str(tmp_path), "--max_steps", "2", "--lines", "30",
@@ -39,7 +36,6 @@ TINY = ["--max-steps", "3", "--train-lines", "80", "--eval-lines", "20", "--bloc
         "--embed-dim", "16", "--layers", "1"]
 
 
-@needs_transformers
 def test_hf_demo_word_level_in_two_processes(tmp_path, capsys):
     from fairseq_agg.hf_demo import run_hf_demo
 
@@ -54,7 +50,6 @@ def test_hf_demo_word_level_in_two_processes(tmp_path, capsys):
         assert row in out
 
 
-@needs_transformers
 @pytest.mark.usefixtures("one_thread")
 def test_hf_demo_gpt2_bpe(tmp_path):
     from fairseq_agg import demo
