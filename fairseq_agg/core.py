@@ -23,6 +23,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fairseq_agg.errors import AggConfigError
+
 __all__ = [
     "Gates",
     "compute_gates",
@@ -394,10 +396,11 @@ class TokenCounter:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["vocab_size"]) != self.vocab_size:
-            raise ValueError(
+            raise AggConfigError(
                 f"the checkpoint's AGG token counter covers a vocabulary of {state['vocab_size']} "
                 f"symbols but this task's target dictionary has {self.vocab_size}; the checkpoint "
-                f"was trained with another dictionary"
+                f"was trained with another dictionary: resume with that one, or pass --reset-dataloader "
+                f"--reset-optimizer to start from its weights only"
             )
         self.window = state["window"] if self.window is None else self.window
         self.num_updates = int(state["num_updates"])

@@ -115,15 +115,9 @@ class AggTaskMixin:
         counter_state = state.get("counter") if state else self.__dict__.pop("_agg_legacy_counter", None)
         if counter_state is None:
             return
-        if int(counter_state["vocab_size"]) != self.agg_counter.vocab_size:
-            raise AggConfigError(
-                f"the checkpoint's AGG token counter covers {counter_state['vocab_size']} symbols but the "
-                f"target dictionary has {self.agg_counter.vocab_size}: resume with the data the checkpoint "
-                f"was trained on, or pass --reset-dataloader --reset-optimizer to start from its weights only"
-            )
+        self.agg_counter.load_state_dict(counter_state)  # refuses a counter of another dictionary
         if hasattr(criterion, "agg_options"):
             self._log_changed_options((state or {}).get("options"), counter_state, criterion.agg_options())
-        self.agg_counter.load_state_dict(counter_state)
 
     def _log_changed_options(self, saved: Optional[dict], counter_state: dict, now: dict) -> None:
         changes = []
