@@ -49,8 +49,10 @@ class Gates:
     """Per-token gate values for one update. All tensors have shape (N,)."""
 
     rare: torch.Tensor  # bool
-    g1: torch.Tensor  # float32, 1 where not rare
-    g2: torch.Tensor  # float32, 1 where not rare
+    # float64, 1 where not rare: each path casts them to the precision it accumulates W's
+    # gradient in, so a float64 run is gated in float64.
+    g1: torch.Tensor
+    g2: torch.Tensor
     num_rare: Optional[int] = None  # counted once here, so that users never sync with the device
 
     def __post_init__(self):
@@ -89,13 +91,13 @@ def compute_gates(
             g2 = torch.where(rare, torch.zeros_like(avg), ones)
     else:
         g2 = ones
-    return Gates(rare, g1.to(torch.float32), g2.to(torch.float32))
+    return Gates(rare, g1, g2)
 
 
 def constant_gates(rare: torch.Tensor, g1_value: float, g2_value: float) -> Gates:
     """Gates of the empirical study (paper Tables 1-2): a fixed rare group whose part (b)
     and/or part (c) gradients are kept (1.0) or detached (0.0)."""
-    ones = torch.ones(rare.shape, dtype=torch.float32, device=rare.device)
+    ones = torch.ones(rare.shape, dtype=torch.float64, device=rare.device)
     g1 = torch.where(rare, torch.full_like(ones, g1_value), ones)
     g2 = torch.where(rare, torch.full_like(ones, g2_value), ones)
     return Gates(rare.clone(), g1, g2)
@@ -172,7 +174,8 @@ class _GatedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_features = grad_logits.matmul(weight)
         if ctx.needs_input_grad[1]:
-            # Gating happens in float32 at least, whatever the training precision.
+            # Gating happens in float32 at least, whatever the training precision (float64 in a
+            # float64 run: the gates are float64).
             acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
             gates = Gates(rare, g1, g2, num_rare=-1)
             split = ctx.rare_rows_from

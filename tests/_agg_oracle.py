@@ -40,8 +40,7 @@ def reference_gates(
         g2 = torch.where(rare, (avg / mean_rare).clamp(max=1.0), ones) if mean_rare > 0 else torch.where(rare, 0 * ones, ones)
     else:
         g2 = ones
-    # The gate values are float32 numbers (README, "Exact semantics": gates applied in float32 at least).
-    return rare, g1.float().double(), g2.float().double()
+    return rare, g1, g2
 
 
 def three_logit_loss(h, w, y, rare, g1, g2, eps: float = 0.0) -> torch.Tensor:
@@ -98,7 +97,8 @@ class TinyLM(nn.Module):
         return self.norm(torch.tanh(self.mix(x)) + x)
 
 
-def assert_grads_match(got: dict, want: dict, what: str, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+def assert_grads_match(got: dict, want: dict, what: str, rtol: float = 1e-14, atol: float = 1e-14) -> None:
+    """float64 rounding (observed: 3e-15 relative); the gates are float64 in a float64 run."""
     assert set(got) == set(want), f"{what}: parameters differ: {sorted(set(got) ^ set(want))}"
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{what}, {name}: {m}")

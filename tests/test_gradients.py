@@ -40,7 +40,9 @@ WINDOW = 4  # K
 # index, and "sweep", an update in which each non-special token with id % 3 != 0 occurs twice
 # (it gives rare tokens with 0 < a < mean, i.e. 0 < g2 < 1). Batch 1 drops out of the window.
 HISTORY = [1, "sweep", 2, 3, 4]
-TOL = 1e-6
+# Against the float64 oracles: float64 rounding, relative to each tensor's scale (max(1, max |x|)).
+# The gates are float64 in a float64 run, so W's gated gradient meets it too (observed: 2e-15).
+TOL = 1e-14
 # fairseq's own criteria take the log-softmax with fairseq.utils.log_softmax, in float32
 # whatever the model's dtype, while agg_cross_entropy keeps float64 (core.log_probs). The
 # oracle is float64 throughout; comparisons with fairseq's criteria allow for fairseq's
@@ -400,10 +402,15 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def scale_of(t) -> float:
+    return max(1.0, t.abs().max().item())
+
+
 def assert_grads_equal(got, want, names=None, tol=TOL):
+    """Equal up to ``tol`` relative to each parameter's gradient scale."""
     names = list(got) if names is None else names
     assert names
-    bad = {n: max_diff(got[n], want[n]) for n in names if max_diff(got[n], want[n]) > tol}
+    bad = {n: max_diff(got[n], want[n]) for n in names if max_diff(got[n], want[n]) > tol * scale_of(want[n])}
     assert not bad, f"gradients differ (max abs diff per parameter): {bad}"
 
 
@@ -457,9 +464,9 @@ def check_against_oracles(setup, crit, gates, sample, eps):
         assert through_lookup.abs().max() > 1e-3  # the lookup path really contributes
         want_W = through_lookup + out_gated
     else:
-        assert max_diff(plain[wname], out_plain) <= TOL  # eq. 23 with Gate = 1 is plain CE
+        assert max_diff(plain[wname], out_plain) <= TOL * scale_of(out_plain)  # eq. 23 with Gate = 1 is plain CE
         want_W = out_gated
-    assert max_diff(got[wname], want_W) <= TOL
+    assert max_diff(got[wname], want_W) <= TOL * scale_of(want_W)
     assert_grads_equal(got, plain, setup.param_names_other_than_W())
     # not a tautology: the gate changes W's gradient far beyond the tolerance
     assert max_diff(got[wname], plain[wname]) > 1e-3
@@ -601,7 +608,7 @@ def _plain_gates(N, nspecial, seed):
     a = torch.rand(N, generator=gen) * 0.5
     g1 = torch.where(rare, a, torch.ones(N))
     g2 = torch.where(rare, torch.clamp(a / a[rare].mean(), max=1.0), torch.ones(N))
-    return core.Gates(rare, g1.float(), g2.float())
+    return core.Gates(rare, g1, g2)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
