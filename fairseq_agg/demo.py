@@ -12,7 +12,9 @@ prints a side-by-side table: perplexity, the AGG rare group's size, and the isot
 model's output embedding, I(W) (over both signs of every eigenvector) and IsoScore, overall and
 per frequency group. With ``--seeds`` every model is trained once per seed and the table shows
 mean ± sample standard deviation (ddof=1) over the seeds; results.json keeps each seed's values. Everything lands under
-``--workdir``; the table also goes to ``<workdir>/results.json``. The two trainings run side
+``--workdir``; the table also goes to ``<workdir>/results.json``. The workdir must be new, empty or
+an earlier demo's: the demo stamps each folder it creates (``.fairseq-agg-owner``) and replaces
+only stamped folders; it refuses any other in one line before any work starts. The two trainings run side
 by side (``--jobs 2``, one CPU thread each); on two idle cores the default run takes about
 4 minutes, the ``--quick`` one under 2.
 
@@ -25,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -36,7 +37,9 @@ from typing import Dict, List, Optional
 import torch
 
 from fairseq_agg import metrics
+from fairseq_agg.errors import AggConfigError
 from fairseq_agg.isotropy import isoscore, isotropy
+from fairseq_agg.workdir import Owner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA = PACKAGE_DIR.parent / "data" / "wikitext-2"
@@ -75,6 +78,9 @@ DEFAULT_MAX_UPDATE = 600
 RUNS = ("mle", "agg", "coupled_adam", "cosreg", "agg_coupled_adam")
 QUICK_MAX_UPDATE = 150
 
+# The demo clears only folders it made: the workdir, its data-bin and its runs' folders.
+OWNER = Owner("fairseq-agg-demo", "--workdir")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -88,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="folder with wiki.{train,valid,test}.tokens (default: the repo's data/wikitext-2)")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"),
-                   help="where binarized data, checkpoints, logs and results.json go (default: %(default)s)")
+                   help="where binarized data, checkpoints, logs and results.json go: a new or empty folder, or an "
+                   "earlier demo's (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help="AGG rare threshold, an average count per update (default: %(default)s; see the comment in demo.py)")
     p.add_argument("--seed", type=int, default=1, help="seed of both runs (default: %(default)s)")
@@ -187,7 +194,9 @@ def _shorten(line: str) -> str:
     return parts[2] if len(parts) == 3 and parts[1] in ("INFO", "WARNING") else line
 
 
-def preprocess(data: Path, workdir: Path, threshold: int, verbose: bool) -> Path:
+def preprocess(data: Path, workdir: Path, threshold: int, verbose: bool, owner: Owner = OWNER) -> Path:
+    """``workdir/data-bin``, binarized again unless its demo-stamp.json shows the same data and
+    threshold; ``owner`` (the demo, or the study that borrows this step) must have made the folder."""
     dest = workdir / "data-bin"
     stamp = {"data": str(data), "threshold": threshold,
              "sizes": [(data / f"wiki.{s}.tokens").stat().st_size for s in SPLITS]}
@@ -195,9 +204,7 @@ def preprocess(data: Path, workdir: Path, threshold: int, verbose: bool) -> Path
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         print(f"[preprocess] reusing {dest}", flush=True)
         return dest
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    owner.replace(dest)
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
            "--trainpref", str(data / "wiki.train.tokens"),
            "--validpref", str(data / "wiki.valid.tokens"),
@@ -276,7 +283,7 @@ def train_all(args, data_bin: Path, names: List[str], seeds: Optional[List[int]]
 
     def start(item, threads):
         key, name, seed = item
-        save_dir = fresh_run_dir(args.workdir / key)  # never resume a previous demo's checkpoint
+        save_dir = OWNER.replace(args.workdir / key)  # never resume a previous demo's checkpoint
         options = run_options(args, name)
         what = " + ".join(options[i + 1] for i, o in enumerate(options) if o in ("--task", "--criterion", "--optimizer"))
         print(f"[{key}] training ({what}, seed {seed}), log: {save_dir / 'train.log'}", flush=True)
@@ -285,13 +292,6 @@ def train_all(args, data_bin: Path, names: List[str], seeds: Optional[List[int]]
 
     return {key: summarize_log(lines, seconds, log_path)
             for key, (lines, seconds, log_path) in run_in_batches(plan, args.jobs, start).items()}
-
-
-def fresh_run_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def run_in_batches(plan: List, jobs: int, start) -> Dict[str, tuple]:
@@ -461,14 +461,17 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
     if args.max_update < 1 or args.jobs < 1:
         raise SystemExit("fairseq-agg-demo: --max-update and --jobs must be positive")
     args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    names = list(dict.fromkeys(args.runs))
     data = resolve_data(args.data)
+    # every folder the demo writes or replaces, checked before any work starts
+    OWNER.refuse_unless_ours(args.workdir, args.workdir / "data-bin",
+                             *(args.workdir / run_key(name, seed, len(seeds) > 1) for seed in seeds for name in names))
+    OWNER.claim(args.workdir)
     start = time.time()
     print(f"fairseq-agg demo: data {data}, workdir {args.workdir}, {args.max_update} updates per model, "
           f"alpha {args.alpha}, seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}", flush=True)
     data_bin = preprocess(data, args.workdir, args.threshold, args.verbose)
-    names = list(dict.fromkeys(args.runs))
     trained = train_all(args, data_bin, names, seeds)
     analyse(args, data_bin, trained)
     runs = trained if len(seeds) == 1 else combine_seeds(trained, names, seeds)
@@ -496,7 +499,7 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
     print(f"\nresults: {args.workdir / 'results.json'} (total {results['total_seconds']:.0f} s)")
     for key in trained:
         print(f"full evaluation (tables, figures): fairseq-agg-eval lm {data_bin} "
-              f"--path {args.workdir / key / 'checkpoint_last.pt'} --out {args.workdir / key / 'eval'}")
+              f"--path {args.workdir / key / 'checkpoint_last.pt'} --out {args.workdir / 'eval' / key}")
     return results
 
 
@@ -508,7 +511,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fairseq_agg import hf_demo
 
         return hf_demo.main(sys.argv[1:] if argv is None else argv)
-    run_demo(argv)
+    try:
+        run_demo(argv)
+    except AggConfigError as refusal:
+        parser = build_parser()
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
     return 0
 
 

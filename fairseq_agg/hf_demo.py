@@ -8,7 +8,8 @@ built from a config (no download) on the shipped WikiText-2 slice, on CPU.
 The same model and data are trained twice with the same seed: with the stock ``Trainer`` (MLE)
 and with :class:`fairseq_agg.hf.AggTrainer` (AGG), then both are evaluated and a side-by-side
 table is printed (perplexity, I(W) of the output embedding, the AGG rare group, time) and
-written to ``<workdir>/results.json``.
+written to ``<workdir>/results.json``. The workdir must be new, empty or an earlier HF demo's (its
+``.fairseq-agg-owner`` stamp says so); any other is refused in one line before any work starts.
 
 The settings mirror ``fairseq-agg-demo``: 2 layers, d=64, FFN 256, 4 heads, tied embeddings,
 dropout 0.1, AdamW (0.9, 0.98), lr 1e-3 with 150 warm-up steps and an inverse square root
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_agg.demo import format_table
+from fairseq_agg.errors import AggConfigError
+from fairseq_agg.workdir import Owner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DATA = PACKAGE_DIR.parent / "data" / "wikitext-2"
@@ -42,6 +45,7 @@ GPT2_BPE = PACKAGE_DIR.parent / "data" / "gpt2_bpe"
 SPLITS = ("train", "valid", "test")
 DEFAULT_STEPS, QUICK_STEPS = 600, 150
 UNK, EOS = "<unk>", "</s>"
+OWNER = Owner("fairseq_agg.hf_demo", "--workdir")  # the HF demo writes only into a workdir it made
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare perplexity and output-embedding isotropy I(W).",
     )
     p.add_argument("--data", type=Path, default=None, help="folder with wiki.{train,valid,test}.tokens (default: data/wikitext-2)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/hf_demo"), help="(default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/hf_demo"),
+                   help="a new or empty folder, or an earlier HF demo's (default: %(default)s)")
     p.add_argument("--tokenizer", choices=("word", "gpt2-bpe"), default="word",
                    help="word-level dictionary (as the fairseq demo) or the shipped GPT-2 BPE (default: %(default)s)")
     p.add_argument("--threshold", type=int, default=5, help="word-level: keep words seen this often in train (default: %(default)s)")
@@ -224,7 +229,7 @@ def train_in_processes(names: List[str], args, argv: Optional[List[str]]) -> Dic
         while pending and len(active) < args.jobs:
             name = pending.pop(0)
             out = args.workdir / f"{name}.result.json"
-            out.unlink(missing_ok=True)
+            out.unlink(missing_ok=True)  # an earlier run's result must not pass for this one's
             cmd = [sys.executable, "-m", "fairseq_agg.hf_demo", *argv, "--runs", name, "--workdir", str(args.workdir),
                    "--max-steps", str(args.max_steps), "--result-file", str(out)]
             active.append((name, out, subprocess.Popen(cmd, env=env)))
@@ -251,7 +256,7 @@ def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
     if missing:
         raise SystemExit(f"fairseq_agg.hf_demo: {data} lacks wiki.{{{','.join(missing)}}}.tokens")
     args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    OWNER.claim(args.workdir)  # before any work; a --jobs child finds it claimed by its parent
     if args.result_file is not None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     start = time.time()
@@ -289,7 +294,11 @@ def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    run_hf_demo(argv)
+    try:
+        run_hf_demo(argv)
+    except AggConfigError as refusal:
+        parser = build_parser()
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
     return 0
 
 

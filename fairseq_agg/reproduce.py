@@ -15,7 +15,8 @@ and the table ends with ``python -m fairseq_agg.eval compare ... --tables N``, w
 to DIR/table<N>.md next to the paper's numbers. Runs live in DIR/runs/RUN and are shared between
 tables (Table 6 evaluates Table 3's models, Tables 8 and 9 reuse its MLE and AGG rows): a step
 that finished with the same command is not redone, and an interrupted training resumes from its
-checkpoint_last.pt.
+checkpoint_last.pt. DIR must be new, empty or an earlier reproduction's (it carries the
+``.fairseq-agg-owner`` stamp); any other is refused in one line before any work starts.
 
 Full mode reads the data-bin folders of scripts/prepare-wikitext103.sh and
 scripts/prepare-wmt14-en-de.sh and expects a GPU. ``--smoke`` runs the same steps on CPU with
@@ -31,7 +32,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +42,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from fairseq_agg.errors import AggConfigError
+from fairseq_agg.workdir import Owner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -54,6 +57,10 @@ ONE_EPOCH_PROBE = "1"  # stands in for it while fairseq parses the command line 
 
 LM_PREPARE = "bash scripts/prepare-wikitext103.sh"
 MT_PREPARE = "bash scripts/prepare-wmt14-en-de.sh"
+
+# --out must be new, empty or an earlier reproduction's; the smoke data-bins in it are replaced
+# only when they carry its stamp.
+OWNER = Owner("fairseq_agg.reproduce", "--out")
 
 
 class ReproduceError(SystemExit):
@@ -348,7 +355,7 @@ def smoke_data_steps(kinds: Sequence[str], ctx: Context) -> List[Step]:
         lm_raw = ctx.out / "data-raw" / "wikitext-2"
 
         def slice_lm() -> None:
-            shutil.rmtree(ctx.lm_data, ignore_errors=True)  # fairseq-preprocess refuses an existing dictionary
+            OWNER.replace(ctx.lm_data)  # fairseq-preprocess refuses an existing dictionary
             lm_raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_LM_LINES.items():
                 _head(SHIPPED_DATA / "wikitext-2" / f"wiki.{split}.tokens", lm_raw / f"{split}.txt", lines)
@@ -365,7 +372,7 @@ def smoke_data_steps(kinds: Sequence[str], ctx: Context) -> List[Step]:
         mt_raw = ctx.out / "data-raw" / "wmt14-en-de"
 
         def slice_mt() -> None:
-            shutil.rmtree(ctx.mt_data, ignore_errors=True)
+            OWNER.replace(ctx.mt_data)
             mt_raw.mkdir(parents=True, exist_ok=True)
             for split, lines in SMOKE_MT_LINES.items():
                 for lang in ("en", "de"):
@@ -567,6 +574,8 @@ def reproduce(tables: Sequence[Table], ctx: Context) -> List[Path]:
     kinds = sorted({run.family.kind for run in runs})
     say(f"{'smoke ' if ctx.smoke else ''}tables {', '.join(t.key for t in tables)}: "
         f"{len(runs)} runs ({', '.join(r.id for r in runs)}) in {ctx.out}")
+    smoke_data_bins = [ctx.lm_data if kind == "lm" else ctx.mt_data for kind in kinds] if ctx.smoke else []
+    OWNER.refuse_unless_ours(ctx.out, *smoke_data_bins)  # a dry run says so too
     if not ctx.smoke:
         for kind in kinds:
             data, option = (ctx.lm_data, "--lm-data") if kind == "lm" else (ctx.mt_data, "--mt-data")
@@ -581,6 +590,8 @@ def reproduce(tables: Sequence[Table], ctx: Context) -> List[Path]:
         if not torch.cuda.is_available():
             raise ReproduceError("no CUDA GPU here: the full runs need one (--smoke checks the pipeline on CPU; "
                                  "--cpu trains the full models on CPU anyway)")
+    if not ctx.dry_run:  # which writes nothing
+        OWNER.claim(ctx.out)
     runner = Runner(ctx)
     data_steps = smoke_data_steps(kinds, ctx) if ctx.smoke else []
     if ctx.dry_run:
@@ -625,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="tiny models, 20 updates, the shipped data, on CPU: checks the pipeline in minutes")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="output folder (default: runs/reproduce, or runs/reproduce-smoke with --smoke)")
+                   help="output folder: a new or empty one, or an earlier reproduction's (default: runs/reproduce, "
+                   "or runs/reproduce-smoke with --smoke)")
     p.add_argument("--lm-data", type=Path, default=Path("data-bin/wikitext-103"), metavar="DIR",
                    help=f"WikiText-103 data-bin of `{LM_PREPARE}` (default: %(default)s)")
     p.add_argument("--mt-data", type=Path, default=Path("data-bin/wmt14_en_de"), metavar="DIR",
@@ -673,6 +685,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         written = reproduce(tables, ctx)
+    except AggConfigError as refusal:
+        parser = build_parser()
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
     except KeyboardInterrupt:
         print("reproduce: interrupted, the running steps were stopped; the same command resumes "
               "(finished steps are kept, trainings go on from checkpoint_last.pt)", file=sys.stderr)

@@ -21,7 +21,10 @@ seeds and a verdict computed from them:
   longest length, per alpha.
 
 Outputs in ``--workdir``: ``study.json`` (settings, every seed's numbers, means, stds, verdict),
-``study.md`` (the table and the verdict), and the runs' folders (checkpoints, train.log).
+``study.md`` (the table and the verdict), and the runs' folders (checkpoints, train.log). The
+workdir must be new, empty or an earlier study's: the study stamps each folder it creates
+(``.fairseq-agg-owner``), replaces only stamped folders, and refuses any other in one line before
+any work starts.
 """
 
 import argparse
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_agg import demo, metrics
+from fairseq_agg.errors import AggConfigError
+from fairseq_agg.workdir import Owner
 
 # The full study: the demo's model and data (the shipped WikiText-2 slice, 5,389-word
 # dictionary, 1024 tokens per update, about 228 updates per epoch), trained 600 updates (the
@@ -61,12 +66,14 @@ METRIC_KEYS = (
 )
 NOISE_SE = 2.0  # "within seed noise": within this many standard errors of the difference
 RARE_FACTOR = 2.0  # "rare perplexity at least 2x lower"
+OWNER = Owner("fairseq_agg.study", "--workdir")  # the study clears only folders it made
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fairseq_agg.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("runs/study"), help="(default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/study"),
+                   help="a new or empty folder, or an earlier study's (default: %(default)s)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with wiki.{train,valid,test}.tokens (default: the repository's data/wikitext-2)")
     p.add_argument("--alphas", type=float, nargs="+", default=None,
@@ -107,7 +114,7 @@ def estimate_seconds(n_runs: int, max_length: int, jobs: int) -> Tuple[float, fl
 
 def smoke_data(folder: Path) -> Path:
     """The first lines of the shipped WikiText-2 slice, as a tiny corpus."""
-    folder.mkdir(parents=True, exist_ok=True)
+    OWNER.claim(folder)
     for split in demo.SPLITS:
         lines = SMOKE["train_lines"] if split == "train" else SMOKE["eval_lines"]
         with open(demo.REPO_DATA / f"wiki.{split}.tokens", encoding="utf-8") as src:
@@ -140,7 +147,7 @@ def train(opts, args, data_bin: Path, plan) -> Dict[str, float]:
 
     def start(item, threads):
         key, alpha, seed = item
-        save_dir = demo.fresh_run_dir(opts.workdir / key)  # never resume an earlier study's run
+        save_dir = OWNER.replace(opts.workdir / key)  # never resume an earlier study's run
         args.alpha = alpha if alpha is not None else demo.DEFAULT_ALPHA
         cmd = demo.train_command(args, data_bin, save_dir, "mle" if alpha is None else "agg", seed)
         print(f"[study] training {key} ({method_name(alpha)}, seed {seed}, {args.max_update} updates)", flush=True)
@@ -336,9 +343,12 @@ def run_study(argv: Optional[Sequence[str]] = None) -> Dict:
     if opts.dry_run:
         return {"plan": plan, "estimate_seconds": [low, high]}
     start = time.time()
-    opts.workdir.mkdir(parents=True, exist_ok=True)
+    # every folder the study writes or replaces, checked before any work starts
+    OWNER.refuse_unless_ours(opts.workdir, opts.workdir / "smoke-data", opts.workdir / "data-bin",
+                             *(opts.workdir / key for key, _, _ in plan))
+    OWNER.claim(opts.workdir)
     data = smoke_data(opts.workdir / "smoke-data") if opts.smoke else demo.resolve_data(opts.data)
-    data_bin = demo.preprocess(data, opts.workdir, opts.threshold, opts.verbose)
+    data_bin = demo.preprocess(data, opts.workdir, opts.threshold, opts.verbose, OWNER)
     args = demo_args(opts, data)
     train_seconds = train(opts, args, data_bin, plan)
 
@@ -384,7 +394,11 @@ def run_study(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run_study(argv)
+    try:
+        run_study(argv)
+    except AggConfigError as refusal:
+        parser = build_parser()
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
     return 0
 
 

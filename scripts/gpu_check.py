@@ -18,7 +18,8 @@
 Without CUDA (or with ``--device cpu``) the same steps run in a reduced form on the CPU: fewer
 updates, a tiny model, a small benchmark shape; fp16 must then be refused in one line, and the
 synchronisation check is reported as skipped. CI runs that form. Prints a pass/fail table and
-writes ``OUT/gpu-check.json``; exits 1 if any check fails.
+writes ``OUT/gpu-check.json``; exits 1 if any check fails. OUT must be new, empty or an earlier
+check's (it carries the ``.fairseq-agg-owner`` stamp); any other is refused in one line (exit 2).
 """
 
 import argparse
@@ -26,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -38,11 +38,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from fairseq_agg.errors import AggConfigError  # noqa: E402
 from fairseq_agg.fairseq_fixes import saved_counter_state  # noqa: E402
+from fairseq_agg.workdir import Owner  # noqa: E402
 
 CRITERIA = ("agg_cross_entropy", "agg_unlikelihood")
 PRECISIONS = ("fp16", "bf16")
 RECORD = re.compile(r"\| train_inner \| (\{.*\})\s*$")
+OWNER = Owner("gpu-check", "--out")  # --out, and the runs replaced in it, must be the check's own
 
 
 class Report:
@@ -148,8 +151,7 @@ def check_training(report, out: Path, cuda: bool, updates: int, parallel: int):
             jobs[(criterion, precision, "full")] = (criterion, precision, updates)
             jobs[(criterion, precision, "first")] = (criterion, precision, half)
     start = time.time()
-    runs_dir = out / "runs"
-    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir = OWNER.replace(out / "runs")
 
     def run(key):
         criterion, precision, max_update = jobs[key]
@@ -290,7 +292,8 @@ def check_bench(report, out: Path, cuda: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu-check")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu-check",
+                        help="a new or empty folder, or an earlier check's (default: %(default)s)")
     parser.add_argument("--updates", type=int, default=None, help="updates per training run (default: 100 on GPU, 6 on CPU)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
@@ -299,7 +302,12 @@ def main(argv=None) -> int:
     updates = args.updates or (100 if cuda else 6)
     if updates < 2:
         parser.error("--updates must be at least 2 (the resume check stops half-way)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = args.out.resolve()  # "--out ." is refused by its name
+    try:  # before any check starts
+        OWNER.refuse_unless_ours(args.out, args.out / "runs")
+    except AggConfigError as refusal:
+        parser.exit(2, f"{parser.prog}: error: {refusal}\n")
+    OWNER.claim(args.out)
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores), reduced form"
     print(f"[gpu-check] {device_name}; torch {torch.__version__}; results in {args.out}", flush=True)
     report = Report()

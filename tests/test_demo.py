@@ -71,3 +71,52 @@ def test_seeds_give_each_seed_and_numpys_mean_and_sample_std(tmp_path):
     table = demo.format_table(results["runs"])
     mean, std = results["runs"]["agg"]["mean"]["I(W)"], results["runs"]["agg"]["std"]["I(W)"]
     assert f"{mean:.3f} ± {std:.3f}" in table
+
+
+# A demo that trains one tiny model for one update: what a refused run would otherwise have started.
+TINY = ["--runs", "agg", "--max-update", "1", "--embed-dim", "16", "--layers", "1", "--threshold", "20",
+        "--tokens-per-sample", "32", "--max-tokens", "256", "--jobs", "1"]
+HF_TINY = ["--framework", "hf", "--max-steps", "1", "--train-lines", "40", "--eval-lines", "10", "--block-size", "16",
+           "--batch-size", "2", "--embed-dim", "16", "--layers", "1", "--jobs", "2"]
+
+
+def refusal_line(capsys, argv, main=None) -> str:
+    """The one stderr line of a refused run, which must exit with status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        (main or demo.main)(argv)
+    assert refused.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_workdir_the_demo_did_not_write_is_refused_and_left_alone(tmp_path, capsys):
+    workdir = tmp_path / "mine"
+    (workdir / "agg").mkdir(parents=True)
+    (workdir / "agg" / "checkpoint_best.pt").write_text("the user's model")
+    line = refusal_line(capsys, ["--workdir", str(workdir), *TINY])
+    assert line == (f"fairseq-agg-demo: error: {workdir} holds files that fairseq-agg-demo did not write "
+                    "(no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself")
+    assert (workdir / "agg" / "checkpoint_best.pt").read_text() == "the user's model"
+    assert [p.name for p in workdir.rglob("*")] == ["agg", "checkpoint_best.pt"]
+
+
+@pytest.mark.parametrize("folder", ["data-bin", "agg"])
+def test_a_folder_the_demo_would_replace_in_its_own_workdir_must_be_its_own(tmp_path, capsys, folder):
+    workdir = demo.OWNER.claim(tmp_path / "demo")  # as a finished or interrupted demo leaves it
+    (workdir / folder).mkdir()
+    (workdir / folder / "dict.txt").write_text("the user's")
+    line = refusal_line(capsys, ["--workdir", str(workdir), *TINY])
+    assert line.startswith(f"fairseq-agg-demo: error: {workdir / folder} holds files that fairseq-agg-demo did not")
+    assert (workdir / folder / "dict.txt").read_text() == "the user's"
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([".fairseq-agg-owner", folder])
+
+
+def test_the_hf_demo_refuses_a_workdir_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "mle.result.json").write_text("the user's")
+    line = refusal_line(capsys, [*HF_TINY, "--workdir", str(tmp_path)])
+    assert line == (f"python -m fairseq_agg.hf_demo: error: {tmp_path} holds files that fairseq_agg.hf_demo did not "
+                    "write (no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself")
+    assert [p.name for p in tmp_path.iterdir()] == ["mle.result.json"]
+    assert (tmp_path / "mle.result.json").read_text() == "the user's"

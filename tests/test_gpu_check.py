@@ -24,3 +24,17 @@ def test_gpu_check_passes_in_its_cpu_form(tmp_path):
                      "agg_cross_entropy bf16, 4 updates", "agg_unlikelihood bf16, stopped at 2 and resumed",
                      "output-layer bench bf16"):
         assert expected in names, names
+
+
+def test_an_out_folder_the_check_did_not_write_is_refused_in_one_line_and_left_alone(tmp_path):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "checkpoint_best.pt").write_text("the user's model")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-check.sh"), "--device", "cpu", "--out", str(tmp_path), "--updates", "2"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=900,
+    )
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"gpu_check.py: error: {tmp_path} holds files that gpu-check did not write (no .fairseq-agg-owner stamp); "
+        "pass another --out or remove it yourself"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs", "demo", "checkpoint_best.pt"]
+    assert (tmp_path / "runs" / "demo" / "checkpoint_best.pt").read_text() == "the user's model"

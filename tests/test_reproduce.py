@@ -417,6 +417,34 @@ def test_incomplete_data_is_named(tmp_path):
         reproduce.main(["7", "--mt-data", str(tmp_path / "wmt"), "--out", str(tmp_path / "out")])
 
 
+def test_an_out_folder_reproduce_did_not_write_is_refused_in_one_line_and_left_alone(tmp_path):
+    users = tmp_path / "data-bin" / "wikitext-2"
+    users.mkdir(parents=True)
+    (users / "dict.txt").write_text("the user's dictionary")
+    proc = run_script("1", "--smoke", "--out", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"scripts/reproduce.sh: error: {tmp_path} holds files that fairseq_agg.reproduce did not write "
+        "(no .fairseq-agg-owner stamp); pass another --out or remove it yourself"]
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "data-bin", "data-bin/wikitext-2", "data-bin/wikitext-2/dict.txt"]
+    assert (users / "dict.txt").read_text() == "the user's dictionary"
+
+
+def test_smoke_data_in_its_own_out_folder_is_replaced_only_if_reproduce_wrote_it(tmp_path, capsys):
+    out = reproduce.OWNER.claim(tmp_path / "out")  # as an earlier or interrupted run leaves it
+    users = out / "data-bin" / "wmt14-en-de"
+    users.mkdir(parents=True)
+    (users / "dict.en.txt").write_text("the user's dictionary")
+    with pytest.raises(SystemExit) as refused:
+        reproduce.main(["7", "--smoke", "--out", str(out)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"scripts/reproduce.sh: error: {users} holds files that fairseq_agg.reproduce did not write "
+        "(no .fairseq-agg-owner stamp); pass another --out or remove it yourself"]
+    assert (users / "dict.en.txt").read_text() == "the user's dictionary"
+    assert not (out / "runs").exists() and not (out / "data-raw").exists()
+
+
 def test_unknown_table_lists_the_tables():
     with pytest.raises(SystemExit, match="unknown table '5'; choose one of 1, 2, 3, 4, 6, 7, 8, 9, fig5"):
         reproduce.main(["5", "--dry-run"])

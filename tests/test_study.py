@@ -67,3 +67,16 @@ def test_plan_and_estimate():
     assert low == pytest.approx(6 * 1800 * study.SECONDS_PER_UPDATE[0])
     with pytest.raises(SystemExit, match="at least two --seeds"):
         study.run_study(["--smoke", "--seeds", "1", "--dry-run"])
+
+
+def test_a_workdir_the_study_did_not_write_is_refused_in_one_line_and_left_alone(tmp_path, capsys):
+    (tmp_path / "mle-seed1").mkdir()
+    (tmp_path / "mle-seed1" / "checkpoint_best.pt").write_text("the user's model")
+    with pytest.raises(SystemExit) as refused:
+        study.main(["--smoke", "--workdir", str(tmp_path)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"python -m fairseq_agg.study: error: {tmp_path} holds files that fairseq_agg.study did not write "
+        "(no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself"]
+    assert [p.name for p in tmp_path.rglob("*")] == ["mle-seed1", "checkpoint_best.pt"]
+    assert (tmp_path / "mle-seed1" / "checkpoint_best.pt").read_text() == "the user's model"
