@@ -1,8 +1,9 @@
 """AGG in a nanoGPT-style loop: a small GPT built here, trained word-level on the shipped
-WikiText-2 slice on CPU with the plain API (about a minute).
+WikiText-2 slice on CPU with the plain API.
 
-    python examples/nanogpt_agg.py            # AGG
+    python examples/nanogpt_agg.py            # AGG, 300 steps (1 to 2 minutes on one core)
     python examples/nanogpt_agg.py --mle      # the same run with plain cross-entropy
+    python examples/nanogpt_agg.py --quick    # 30 steps on the first 2,000 lines (seconds)
 
 The lines that AGG adds to a loop are marked ``# AGG``.
 """
@@ -62,16 +63,43 @@ class GPT(nn.Module):
         return self.ln(self.blocks(x))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--block", type=int, default=128)
-    p.add_argument("--alpha", type=float, default=0.03)
-    p.add_argument("--lines", type=int, default=None, help="only the first N lines of each split")
+QUICK = {"steps": 30, "lines": 2000}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default (flags and unset options say theirs in words)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _given(flag, argv):
+    import sys
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--block", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--alpha", type=float, default=0.03, help="AGG's alpha: rare below this many occurrences per step")
+    p.add_argument("--lines", type=int, default=None, help="only the first N lines of each split (default: all)")
     p.add_argument("--mle", action="store_true", help="plain cross-entropy instead of AGG")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: --steps {QUICK['steps']} --lines {QUICK['lines']} unless given")
     p.add_argument("--threads", type=int, default=1, help="a model this small is fastest on one thread")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps = args.steps if _given("--steps", argv) else QUICK["steps"]
+        args.lines = args.lines if args.lines is not None else QUICK["lines"]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     train, vocab = load("train", lines=args.lines)

@@ -24,6 +24,22 @@ def test_nanogpt_example(capsys):
     assert "AGG: valid perplexity" in capsys.readouterr().out
 
 
+def test_nanogpt_help_shows_the_whole_description_and_every_default(capsys):
+    with pytest.raises(SystemExit):
+        _load("nanogpt_agg").main(["--help"])
+    out = capsys.readouterr().out
+    assert "The lines that AGG adds to a loop are marked" in out  # the description is not cut short
+    assert "(default: 300)" in out and "(default: 0.03)" in out and "--quick" in out
+
+
+def test_nanogpt_quick_mode_is_a_short_run_unless_told_otherwise():
+    parse = _load("nanogpt_agg").parse_args
+    quick, full = parse(["--quick"]), parse([])
+    assert (quick.steps, quick.lines) == (30, 2000) and (full.steps, full.lines) == (300, None)
+    told = parse(["--quick", "--steps", "3", "--lines=50"])
+    assert (told.steps, told.lines) == (3, 50)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_hf_example(tmp_path):
     trainer = _load("hf_agg").main(["--output_dir", str(tmp_path), "--max_steps", "2", "--lines", "30",
