@@ -25,20 +25,57 @@ after ``agg.eval()`` nothing is counted. ``step`` closes one optimizer update: w
 ``torch.distributed`` initialized it sums the pending counts over the default process group, so
 every rank holds the same counter and computes the same gates. The gates used by ``loss``
 depend only on completed updates.
+
+Misuse is reported once per instance as an :class:`AggUsageWarning`: ``step`` without a counted
+``loss`` call since the previous ``step`` (an empty update: averages fall, more tokens turn rare;
+an update whose labels are all ``ignore_index`` is not empty, its ``loss`` was called), and a
+``loss`` call after an optimizer step that no ``agg.step()`` followed (the gates would never
+move; any ``torch.optim`` optimizer's step is seen, so gradient accumulation never triggers it).
+``state_dict`` holds the open update's counts too, so a checkpoint taken mid-accumulation resumes
+exactly (with several processes each rank restores only the counts it saved itself).
+
+``hidden`` and ``weight`` must have one dtype; under ``torch.autocast`` both are cast to
+autocast's dtype first, as ``nn.Linear`` would be.
 """
 
+import warnings
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fairseq_agg import core
 from fairseq_agg.errors import AggConfigError
 
-__all__ = ["AdaptiveGradientGating", "check_options"]
+__all__ = ["AdaptiveGradientGating", "AggUsageWarning", "check_options"]
 
 _REDUCTIONS = ("mean", "sum")
+# A loop without a torch.optim optimizer cannot be watched: so many loss() calls in one update
+# before the first step() means step() is missing.
+LOSS_CALLS_BEFORE_A_FIRST_STEP = 1000
+
+
+class AggUsageWarning(UserWarning):
+    """A call sequence that trains with wrong gates (given once per AdaptiveGradientGating)."""
+
+
+class _OptimizerSteps:
+    """Steps taken by every ``torch.optim`` optimizer of this process (one global post-step
+    hook): how ``loss`` tells gradient accumulation from a forgotten ``agg.step()``."""
+
+    count = 0
+    _hook = None
+
+    @classmethod
+    def watch(cls) -> None:
+        if cls._hook is None:
+            cls._hook = register_optimizer_step_post_hook(cls._count)
+
+    @classmethod
+    def _count(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
 
 
 def _check_positive(name: str, value: Optional[int], what: str) -> None:
@@ -92,6 +129,25 @@ def _sum_over_processes(pending: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.to(pending.device)
+
+
+def _process_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The operands ``nn.Linear`` would multiply: under ``torch.autocast``, cast to its dtype
+    (float64 stays, as autocast leaves it); the loss itself then runs with autocast off."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(hidden), cast(weight)
 
 
 class AdaptiveGradientGating(nn.Module):
@@ -150,6 +206,10 @@ class AdaptiveGradientGating(nn.Module):
         self.counter = core.TokenCounter(vocab_size, nspecial, window)
         self.counter.freeze_after = static_after
         self._gates_cache = (None, None)  # (counter version, Gates)
+        self._loss_calls = 0  # counted loss() calls of the open update
+        self._optimizer_steps_seen = 0  # _OptimizerSteps.count at the open update's first loss() call
+        self._warned = set()
+        _OptimizerSteps.watch()
 
     def extra_repr(self) -> str:
         return (
@@ -191,11 +251,46 @@ class AdaptiveGradientGating(nn.Module):
 
     def step(self) -> None:
         """Closes one optimizer update (call it right after ``optimizer.step()``)."""
+        if self._loss_calls == 0:
+            self._warn_once(
+                "empty update",
+                "AGG step() was called without a training loss() call since the previous step(): it "
+                "commits an empty update, which lowers every average and turns more tokens rare; "
+                "call agg.step() once per optimizer update, after that update's loss() calls",
+            )
         self.counter.commit(all_reduce=_sum_over_processes)
+        self._loss_calls = 0
 
     def discard_pending(self) -> None:
         """Forgets the counts of the open update (for an update whose gradients are thrown away)."""
         self.counter.discard_pending()
+        self._loss_calls = 0
+
+    def _count_loss_call(self, targets: torch.Tensor) -> None:
+        """Counts one training loss() call into the open update, warning once where the previous
+        update was never closed by step()."""
+        if self._loss_calls == 0:
+            self._optimizer_steps_seen = _OptimizerSteps.count
+        elif _OptimizerSteps.count != self._optimizer_steps_seen:
+            self._warn_once(
+                "missing step",
+                "AGG loss() was called after an optimizer step that no agg.step() followed: the counts "
+                "of several updates pile into one and the gates stop following the data; call "
+                "agg.step() right after every optimizer.step()",
+            )
+        elif self.counter.num_updates == 0 and self._loss_calls == LOSS_CALLS_BEFORE_A_FIRST_STEP:
+            self._warn_once(
+                "missing step",
+                f"AGG loss() was called {LOSS_CALLS_BEFORE_A_FIRST_STEP} times without agg.step(): the "
+                f"gates never move until it is called; call agg.step() right after every optimizer step",
+            )
+        self._loss_calls += 1
+        self.counter.add(targets)
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, AggUsageWarning, stacklevel=3)
 
     # -- the loss ---------------------------------------------------------------------
     def loss(
@@ -226,6 +321,13 @@ class AdaptiveGradientGating(nn.Module):
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise AggConfigError(f"AGG labels must be integer token ids, got {labels.dtype}")
+        hidden, weight = _autocast_operands(hidden, weight)
+        if hidden.dtype != weight.dtype:
+            raise AggConfigError(
+                f"AGG hidden states are {hidden.dtype} but the output embedding is {weight.dtype}: pass both "
+                f"in one dtype (e.g. hidden.to(weight.dtype)), or call loss() under torch.autocast, which "
+                f"casts both as nn.Linear would"
+            )
         flat_labels = labels.reshape(-1).long()
         flat_hidden = hidden.reshape(-1, hidden.size(-1))
         # Ignored positions are dropped: they add nothing to the loss or to any gradient.
@@ -242,15 +344,16 @@ class AdaptiveGradientGating(nn.Module):
         features = flat_hidden.index_select(0, keep)
         grad = torch.is_grad_enabled()
         if grad and self.training:
-            self.counter.add(targets)
+            self._count_loss_call(targets)
         gates = self.gates() if grad else None
         # F.cross_entropy's epsilon spreads eps/V over every class; core's (fairseq's) eps'/(V-1)
         # over the non-targets: the same loss for eps' = eps (V-1)/V.
         epsilon = self.label_smoothing * (self.vocab_size - 1) / self.vocab_size
-        total, _, _ = core.gated_loss(
-            features, weight, targets.view(1, -1), gates,
-            ignore_index=None, label_smoothing=epsilon, chunk_rows=self.chunk_size,
-        )
+        with torch.autocast(features.device.type, enabled=False):
+            total, _, _ = core.gated_loss(
+                features, weight, targets.view(1, -1), gates,
+                ignore_index=None, label_smoothing=epsilon, chunk_rows=self.chunk_size,
+            )
         if reduction == "sum":
             return total
         return total / max(int(targets.numel()), 1)
@@ -259,7 +362,15 @@ class AdaptiveGradientGating(nn.Module):
 
     # -- checkpointing ------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return self.counter.state_dict()
+        """The counter, and the open update's counts with the rank that counted them."""
+        pending_ids = self.counter.pending.nonzero().squeeze(1)
+        return {
+            **self.counter.state_dict(),
+            "pending_ids": pending_ids.cpu(),
+            "pending_counts": self.counter.pending[pending_ids].cpu(),
+            "pending_loss_calls": self._loss_calls,
+            "pending_rank": _process_rank(),
+        }
 
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "vocab_size" not in state:
@@ -271,6 +382,14 @@ class AdaptiveGradientGating(nn.Module):
             )
         self.counter.load_state_dict(state)
         self._gates_cache = (None, None)
+        self._loss_calls = 0
+        # Only the rank that counted them takes the open update's counts back: every rank loading
+        # one rank's checkpoint must not add them world-size times at the next step().
+        if "pending_ids" in state and state.get("pending_rank") == _process_rank():
+            ids = state["pending_ids"].long().to(self.counter.device)
+            self.counter.pending.index_add_(0, ids, state["pending_counts"].long().to(self.counter.device))
+            self._loss_calls = int(state.get("pending_loss_calls", 0))
+            self._optimizer_steps_seen = _OptimizerSteps.count
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Restores the counter from :meth:`state_dict` (or from a bare counter state)."""

@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from _agg_oracle import (
     IGNORE, TinyLM, assert_grads_match, named_grads, reference_gates, shifted_targets, three_logit_loss, zipf_tokens,
 )
+from fairseq_agg import training
 from fairseq_agg.errors import AggConfigError
-from fairseq_agg.training import AdaptiveGradientGating
+from fairseq_agg.training import AdaptiveGradientGating, AggUsageWarning
 
 REPO = Path(__file__).resolve().parents[1]
 V, D, T = 40, 12, 9
@@ -165,7 +167,8 @@ def test_counting_and_gates_follow_completed_updates_only():
     agg.step()
     assert agg.num_updates == 1 and int(agg.counter.window_sum.sum()) == 9
     assert agg.gates() is not before
-    agg.step()  # an update without labels still counts as an update
+    agg.loss(h, w, torch.full_like(y, IGNORE))
+    agg.step()  # an update whose labels are all ignored still counts as an update
     assert agg.num_updates == 2 and agg.counter.updates_in_window() == 2
     assert agg.window is None
     agg.set_window(1)
@@ -207,6 +210,146 @@ def test_state_dict_round_trip():
     bare = AdaptiveGradientGating(V, alpha=ALPHA)
     bare.load_state_dict(agg.counter.state_dict())  # a bare counter state works too
     assert _same_counter(agg, bare)
+
+
+# -- misuse of step(), and the open update in the state ----------------------------------------
+def _usage_warnings(call):
+    """The AggUsageWarnings that ``call()`` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, AggUsageWarning)]
+
+
+def _batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 5, D, generator=gen), torch.randint(0, V, (2, 5), generator=gen)
+
+
+def test_step_without_a_loss_call_warns_once():
+    agg = AdaptiveGradientGating(V, alpha=ALPHA)
+    w = torch.randn(V, D)
+    h, y = _batch(0)
+
+    def update(labels):
+        agg.loss(h, w, labels)
+        agg.step()
+
+    assert _usage_warnings(lambda: update(y)) == []
+    assert _usage_warnings(lambda: update(torch.full_like(y, IGNORE))) == []  # all labels ignored: not empty
+    agg.discard_pending()
+    messages = _usage_warnings(agg.step)  # nothing since the previous step(): an empty update
+    assert len(messages) == 1 and "empty update" in messages[0] and "\n" not in messages[0]
+    assert _usage_warnings(agg.step) == []  # once
+    assert agg.num_updates == 4
+
+
+def test_a_forgotten_step_warns_once_and_accumulation_never_does():
+    model = TinyLM(V, D, T, tied=False)
+    agg = AdaptiveGradientGating(V, alpha=ALPHA)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    micro = [zipf_tokens(2, T, V, seed) for seed in range(3)]
+
+    def update(close=True):
+        for x, y in micro:  # gradient accumulation: three loss() calls, one optimizer step
+            agg.loss(model.features(x)[:, :-1], model.head.weight, y[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+        if close:
+            agg.step()
+
+    assert _usage_warnings(lambda: [update() for _ in range(2)]) == []
+    assert _usage_warnings(lambda: update(close=False)) == []
+    messages = _usage_warnings(update)  # its first loss() follows an optimizer step without agg.step()
+    assert len(messages) == 1 and "agg.step()" in messages[0] and "\n" not in messages[0]
+    assert _usage_warnings(lambda: [update(close=False), update()]) == []  # once
+
+
+def test_many_loss_calls_without_any_step_warn(monkeypatch):
+    """A loop without a torch.optim optimizer: step() is missing when the first update has grown
+    past LOSS_CALLS_BEFORE_A_FIRST_STEP loss() calls."""
+    monkeypatch.setattr(training, "LOSS_CALLS_BEFORE_A_FIRST_STEP", 3)
+    agg = AdaptiveGradientGating(V, alpha=ALPHA)
+    w = torch.randn(V, D)
+    h, y = _batch(0)
+    assert _usage_warnings(lambda: [agg.loss(h, w, y) for _ in range(3)]) == []
+    messages = _usage_warnings(lambda: agg.loss(h, w, y))
+    assert len(messages) == 1 and "agg.step()" in messages[0]
+
+
+def test_state_dict_holds_the_open_update():
+    """A checkpoint taken mid-accumulation resumes exactly; older states still load."""
+    agg = AdaptiveGradientGating(V, alpha=ALPHA, window=2)
+    w = torch.randn(V, D)
+    for seed in range(3):
+        h, y = _batch(seed)
+        agg.loss(h, w, y)
+        agg.step()
+    h, y = _batch(3)
+    agg.loss(h, w, y)  # the open update: counts pending
+    state = copy.deepcopy(agg.state_dict())
+
+    resumed = AdaptiveGradientGating(V, alpha=ALPHA, window=2)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.counter.pending, agg.counter.pending) and int(agg.counter.pending.sum()) == 10
+    for a in (agg, resumed):
+        assert _usage_warnings(a.step) == []  # the update had its loss() call, before the checkpoint
+    assert _same_counter(agg, resumed)
+
+    # Another rank's open update is not taken (each rank restores only what it counted) ...
+    other_rank = copy.deepcopy(state)
+    other_rank["_extra_state"]["pending_rank"] = 1
+    elsewhere = AdaptiveGradientGating(V, alpha=ALPHA, window=2)
+    elsewhere.load_state_dict(other_rank)
+    assert int(elsewhere.counter.pending.sum()) == 0 and elsewhere.num_updates == 3
+    # ... and a state saved before the open update was kept loads as it did.
+    old = {k: v for k, v in state["_extra_state"].items() if not k.startswith("pending")}
+    older = AdaptiveGradientGating(V, alpha=ALPHA, window=2)
+    older.load_state_dict({"_extra_state": old})
+    assert int(older.counter.pending.sum()) == 0 and older.num_updates == 3
+
+
+# -- dtypes and autocast -------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [0, 7], ids=["one-logits", "chunked"])
+def test_hidden_and_weight_of_different_dtypes_are_refused(chunk):
+    agg = AdaptiveGradientGating(V, chunk_size=chunk)
+    h, y = _batch(0)
+    with pytest.raises(AggConfigError) as excinfo:
+        agg.loss(h.float(), torch.randn(V, D), y)
+    _one_line_error(excinfo, "torch.float32", "torch.float64", "hidden.to(weight.dtype)", "autocast")
+    assert int(agg.counter.pending.sum()) == 0  # refused before anything was counted
+
+
+@pytest.mark.parametrize("chunk", [0, 7], ids=["one-logits", "chunked"])
+def test_under_autocast_both_operands_take_its_dtype(chunk):
+    """As nn.Linear under torch.autocast: float32 weight with bfloat16 or float32 hidden states,
+    values and gradients those of the operands rounded to bfloat16 (observed: 5e-3)."""
+    agg = AdaptiveGradientGating(V, alpha=ALPHA, chunk_size=chunk)
+    gen = torch.Generator().manual_seed(0)
+    agg.loss(torch.randn(1, V // 2, D), torch.randn(V, D), torch.arange(V // 2).view(1, -1))
+    agg.step()  # half of the tokens seen once: the other half is rare
+    assert 0 < agg.num_rare < V
+    w = torch.randn(V, D, generator=gen, dtype=torch.float32)
+    h = torch.randn(3, 8, D, generator=gen, dtype=torch.float32)
+    y = torch.randint(0, V, (3, 8), generator=gen)
+    reference = copy.deepcopy(agg)
+    h_ref = h.bfloat16().double().requires_grad_()
+    w_ref = w.bfloat16().double().requires_grad_()
+    want = reference.loss(h_ref, w_ref, y)
+    want.backward()
+    w_plain = w_ref.detach().clone().requires_grad_()
+    F.cross_entropy((h_ref.detach() @ w_plain.t()).reshape(-1, V), y.reshape(-1)).backward()
+    assert float((w_plain.grad - w_ref.grad).norm() / w_ref.grad.norm()) > 0.2  # the gate matters here
+    for hidden_dtype in (torch.bfloat16, torch.float32):
+        h_in = h.to(hidden_dtype).requires_grad_()
+        w_in = w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = agg.loss(h_in, w_in, y)
+        got.backward()
+        assert got.dtype == torch.float32 and w_in.grad.dtype == torch.float32 and h_in.grad.dtype == hidden_dtype
+        assert abs(float(got) - float(want)) <= 1e-2 * float(want)
+        for g, ref in ((h_in.grad, h_ref.grad), (w_in.grad, w_ref.grad)):
+            assert float((g.double() - ref).norm() / ref.norm()) <= 2e-2
 
 
 def _one_line_error(excinfo, *words):
