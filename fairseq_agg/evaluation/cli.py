@@ -27,13 +27,22 @@ def _dictionary_words(path: Path) -> set:
     return words
 
 
+PREPROCESS_FIX = "give the folder fairseq-preprocess wrote (its --destdir) for the checkpoint's data"
+
+
+def _check_data_folder(data: Path) -> None:
+    if data.is_dir():
+        return
+    if data.exists():
+        raise EvalError(f"data {data} is a file, not a folder; give the binarized data-bin folder that "
+                        "fairseq-preprocess wrote (its --destdir) for the checkpoint's data")
+    raise EvalError(f"data folder {data} does not exist; {PREPROCESS_FIX}")
+
+
 def _check_data(args, task_cfg: Mapping) -> Optional[Path]:
     """The data folder holds the dictionaries and the split the subcommand reads; returns the
     dictionary that --neighbours' tokens come from (None when the languages are not known)."""
     data = args.data
-    preprocess = "give the folder fairseq-preprocess wrote (its --destdir) for the checkpoint's data"
-    if not data.is_dir():
-        raise EvalError(f"data folder {data} does not exist; {preprocess}")
     if args.command == "lm":
         dicts, splits = [data / "dict.txt"], [data / args.subset]
     else:
@@ -45,7 +54,7 @@ def _check_data(args, task_cfg: Mapping) -> Optional[Path]:
                                                    data / f"{args.subset}.{tgt}-{src}.{src}"]
     for path in dicts:
         if not path.is_file():
-            raise EvalError(f"data folder {data} has no {path.name}; {preprocess}")
+            raise EvalError(f"data folder {data} has no {path.name}; {PREPROCESS_FIX}")
     if splits and not any(_split_exists(prefix) for prefix in splits):
         raise EvalError(f"data folder {data} has no '{args.subset}' split ({splits[0].name}.bin and .idx); "
                         "choose another --subset or binarize that split with fairseq-preprocess")
@@ -84,9 +93,7 @@ def check_inputs(args) -> None:
         if args.max_hidden_states <= 0:
             raise EvalError("--max-hidden-states must be positive")
     _check_modules(REQUIRED_MODULES[args.command], f"fairseq-agg-eval {args.command}")
-    if not args.data.is_dir():
-        raise EvalError(f"data folder {args.data} does not exist; give the folder fairseq-preprocess wrote "
-                        "(its --destdir) for the checkpoint's data")
+    _check_data_folder(args.data)
     header = peek_checkpoint(args.path)
     kind = checkpoint_kind(header["task"])
     if kind is not None and kind != args.command:

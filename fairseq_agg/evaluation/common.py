@@ -1,9 +1,11 @@
 """What every subcommand of ``fairseq-agg-eval`` shares: checkpoint and dictionary access, frequency groups, the input checks, the embedding metrics after post-hoc remedies, and writing the outputs."""
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from fairseq_agg import metrics
+from fairseq_agg.checkpoints import checksum_mismatch
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # fairseq_agg, the --user-dir
@@ -260,23 +263,46 @@ def read_text(path: Path, what: str, fix: str) -> str:
 
 
 def check_output_folder(out: Path, option: str = "--out") -> None:
-    """``out`` is a writable folder, or one that can be created (nothing is created here)."""
+    """``out`` is a folder this command can write into, found out by writing: a file is created in
+    an existing folder, a missing folder is created (with its missing parents), and what was
+    created here is removed again. Permission bits alone would pass a folder the system refuses
+    (``/proc/x``; anything for root), and the refusal would come only after the scoring."""
     if out.is_dir():
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise EvalError(f"{option} {out} is not writable; fix its permissions or choose another folder")
+        try:
+            handle, probe = tempfile.mkstemp(dir=out, prefix=".fairseq-agg-eval-check-")
+        except OSError as err:
+            raise EvalError(f"{option} {out} is not writable (creating a file in it failed: {err.strerror}); "
+                            "fix its permissions or choose another folder") from None
+        os.close(handle)
+        os.unlink(probe)
         return
     if out.exists() or out.is_symlink():
         kind = "an existing file" if out.exists() else "a broken symbolic link"
         raise EvalError(f"{option} {out} is {kind}, not a folder; choose a folder (it is created if missing)")
-    ancestor = out.parent
-    while not ancestor.is_dir():  # Path("x").parent is Path("."), and the root is its own parent
+    missing = [out]
+    while not missing[-1].parent.is_dir():  # Path("x").parent is Path("."), and the root is its own parent
+        ancestor = missing[-1].parent
         if ancestor.exists() or ancestor.is_symlink():
             raise EvalError(f"{option} {out} cannot be created: {ancestor} is a file, not a folder; "
                             f"choose another {option}")
-        ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EvalError(f"{option} {out} cannot be created: {ancestor} is not writable; "
-                        f"choose another {option} or fix its permissions")
+        missing.append(ancestor)
+    created = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+                continue  # made by someone else meanwhile: not ours to remove
+            created.append(folder)
+    except OSError as err:
+        raise EvalError(f"{option} {out} cannot be created (creating {err.filename or folder} failed: "
+                        f"{err.strerror}); choose another {option} or fix its permissions") from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: someone else wrote into it meanwhile
+                folder.rmdir()
 
 
 def peek_checkpoint(path: Path) -> Dict:
@@ -289,6 +315,9 @@ def peek_checkpoint(path: Path) -> Dict:
     if path.is_dir():
         raise EvalError(f"--path {path} is a folder; give a checkpoint file in it (e.g. {path / 'checkpoint_best.pt'})")
     _check_readable_file(path, "checkpoint", "give the .pt file fairseq-train saved")
+    mismatch = checksum_mismatch(path)
+    if mismatch:
+        raise EvalError(mismatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
