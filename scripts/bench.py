@@ -15,9 +15,14 @@ Prints a table and writes JSON (--json). Times are medians over --steps steps af
 --warmup steps; ratios are against fairseq's cross_entropy in the same run: for the methods
 timed round by round with it, the median over rounds of each round's ratio, with its
 quartiles (cheaper to make steady on a busy machine than a ratio of medians). Peak memory is
-``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the growth of the process's peak
-resident set during the step (large allocations are forced to mmap so that freed memory is
-returned and the peak is the peak of live tensors).
+the peak of the tensor memory one step holds beyond what was allocated before it:
+``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak of the running sum of the step's
+allocations and their frees as torch's profiler records them (``profile_memory``: every tensor
+allocation, kernel temporaries included), so it is exact and never negative, whatever the
+allocator keeps or returns to the OS. The two differ only by memory allocated before the step
+and freed during it, which the CPU figure does not subtract (torch warns of it once): here the
+AGG steps' counter replacing its vocabulary-sized counts, kilobytes (the gradients are set to
+None before every step).
 """
 
 import argparse
@@ -111,25 +116,34 @@ def torch_linear_cross_entropy_loss(model, sample, pad, chunked):
     )
 
 
-def _proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+def peak_live_bytes(run, device):
+    """Peak of the tensor memory that ``run()`` allocates and holds at once: on CPU, what it
+    allocated minus what it freed of that (the profiler sees no free of an earlier block), at
+    its highest; on GPU, the peak of all allocated memory minus what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
 
-
-def peak_rss_kb():
-    return _proc_status_kb("VmHWM")
-
-
-def current_rss_kb():
-    return _proc_status_kb("VmRSS")
-
-
-def reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    # kineto reports its own start and stop on stderr at every level below 6
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # "[memory]" events are allocations (positive bytes) and frees (negative), in the order
+    # of their timestamps; sorted() keeps the recorded order of events with equal ones
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    if not events:
+        raise RuntimeError("torch's profiler recorded no allocation or free during the step: its peak memory is unknown")
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def timed_step(step, model, device):
@@ -144,22 +158,12 @@ def timed_step(step, model, device):
 
 
 def peak_memory(step, model, device):
-    """Bytes allocated at the peak of one step beyond what was allocated before it."""
+    """Bytes allocated at the peak of one step (forward and backward) beyond what was allocated before it."""
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step().backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    reset_peak_rss()
-    base = current_rss_kb() * 1024
-    step().backward()
-    return peak_rss_kb() * 1024 - base
+    return peak_live_bytes(lambda: step().backward(), device)
 
 
-def measure_all(steps, model, device, warmup, repeats, memory, naive_repeats):
+def measure_all(steps, model, device, warmup, repeats, naive_repeats):
     """Median step time per method: the methods interleaved round by round (in a rotating
     order) so that drift of the machine's speed hits them alike, except the naive three-logit
     form, timed in rounds of its own afterwards (it allocates and frees gigabytes, and the page
@@ -189,9 +193,8 @@ def measure_all(steps, model, device, warmup, repeats, memory, naive_repeats):
             if anchor == "fairseq_ce":
                 results[name]["paired_ratio"] = statistics.median(ratios)
                 results[name]["paired_ratio_quartiles"] = _quartiles(ratios)
-    if memory:
-        for name, step in steps.items():
-            results[name]["peak_bytes"] = peak_memory(step, model, device)
+    for name, step in steps.items():
+        results[name]["peak_bytes"] = peak_memory(step, model, device)
     return results
 
 
@@ -246,38 +249,13 @@ def run_config(args, vocab, tokens, device, dtype):
     }
     rare_rows = float(gates.rare[sample["target"]].float().mean())
     steps = {name: steps[name] for name in args.methods}
-    # On CPU the peak of live tensors is only visible in the resident set when large blocks
-    # go back to the OS on free (MALLOC_MMAP_THRESHOLD_); that slows allocation, so times
-    # come from this process and memory from a child that sets it.
-    in_process_memory = device.type == "cuda" or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
-    results = measure_all(steps, model, device, args.warmup, 0 if args.memory_only else args.steps, in_process_memory,
-                          args.naive_steps)
-    if not in_process_memory:
-        memory = memory_in_child(args, vocab, tokens)
-        for name in steps:
-            results[name]["peak_bytes"] = memory[name]["peak_bytes"]
+    results = measure_all(steps, model, device, args.warmup, args.steps, args.naive_steps)
     for name, r in results.items():
         print(f"  {name:<13} {r.get('time_s', float('nan')) * 1e3:9.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB",
               file=sys.stderr, flush=True)
     chunk_rows = core.auto_chunk_rows(tokens, vocab, args.dim) if args.chunk == "auto" else int(args.chunk)
     return {"vocab": vocab, "tokens": tokens, "rare_tokens": gates.num_rare, "rare_target_fraction": rare_rows,
             "agg_chunk_rows": chunk_rows, "methods": results}
-
-
-def memory_in_child(args, vocab, tokens):
-    import subprocess
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        argv = [sys.executable, __file__, "--memory-only", "--json", out.name, "--vocab", str(vocab),
-                "--tokens", str(tokens), "--dtype", args.dtype, "--device", args.device]
-        for option in ("seq_len", "dim", "layers", "heads", "alpha", "window", "chunk"):
-            argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
-        argv += ["--methods", *args.methods]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with open(out.name) as f:
-            return json.load(f)["results"][0]["methods"]
 
 
 def main(argv=None):
@@ -299,7 +277,6 @@ def main(argv=None):
     parser.add_argument("--naive-steps", type=int, default=3,
                         help="timed steps of the naive three-logit form, in rounds of its own (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method, interleaved")
-    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
