@@ -236,8 +236,14 @@ finish_output() {
     log "done: $OUT"
 }
 
-# step MESSAGE: a progress message with the time since the start of the run.
-step() { log "[$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+# step NAME MESSAGE: the start of step NAME, logged right before its command is launched, with
+# the time since the start of the run: "step NAME:" in a log says which step was running when a
+# run stopped (tests that interrupt a run at a given step wait for it).
+step() {
+    local name=$1
+    shift
+    log "[$((SECONDS / 60))m$((SECONDS % 60))s] step $name: $*"
+}
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 

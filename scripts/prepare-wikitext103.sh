@@ -131,7 +131,7 @@ fi
 begin_output "$OUT_DIR"
 WORK=$PARTIAL/work
 mkdir -p "$WORK"
-step "preparing WikiText-103 with $BPE BPE into $OUT (working in $PARTIAL)"
+step begin "preparing WikiText-103 with $BPE BPE into $OUT (working in $PARTIAL)"
 
 # -- the corpus ----------------------------------------------------------------------------------
 if [[ -n $SOURCE_ZIP ]]; then
@@ -140,7 +140,7 @@ if [[ -n $SOURCE_ZIP ]]; then
             "or pass --source with another URL, a local wikitext-103-v1.zip, or a directory holding wiki.{train,valid,test}.tokens" \
             "(WikiText-103 v1 was first published at https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip)"
     fi
-    step "extracting wiki.{train,valid,test}.tokens from $SOURCE_ZIP"
+    step extract "extracting wiki.{train,valid,test}.tokens from $SOURCE_ZIP"
     SOURCE_DIR=$WORK/corpus
     "$PYTHON" - "$SOURCE_ZIP" "$SOURCE_DIR" <<'EOF' || die "could not extract WikiText-103 from $SOURCE_ZIP"
 import os
@@ -190,13 +190,13 @@ if [[ $BPE == gpt2 ]]; then
         [[ $actual == "$expected" ]] || log "note: $GPT2_DIR/$name is not OpenAI's GPT-2 $name (sha256 $actual)"
         cp "$GPT2_DIR/$name" "$PARTIAL/bpe/$name"
     done
-    step "GPT-2 BPE of the three splits; workers: $WORKERS"
+    step bpe "GPT-2 BPE of the three splits; workers: $WORKERS"
     "$PYTHON" "$PREPARE_PY/gpt2_bpe.py" --encoder-json "$GPT2_DIR/encoder.json" \
         --vocab-bpe "$GPT2_DIR/vocab.bpe" --inputs "${inputs[@]}" --outputs "${outputs[@]}" \
         --keep-empty --independent-inputs --workers "$WORKERS"
     bpe_summary="bpe: gpt2 (bpe/encoder.json, bpe/vocab.bpe)"
 else
-    step "training a sentencepiece BPE model of $VOCAB_SIZE pieces on the train split, then encoding"
+    step bpe "training a sentencepiece BPE model of $VOCAB_SIZE pieces on the train split, then encoding"
     "$PYTHON" "$PREPARE_PY/sentencepiece_bpe.py" --train-input "${inputs[0]}" \
         --model-prefix "$PARTIAL/bpe/spm" --vocab-size "$VOCAB_SIZE" --sample-lines "$SPM_SAMPLE_LINES" \
         --inputs "${inputs[@]}" --outputs "${outputs[@]}" --workers "$WORKERS"
@@ -204,7 +204,7 @@ else
 fi
 
 # -- binarize ------------------------------------------------------------------------------------
-step "fairseq-preprocess --only-source (dictionary from the train split)"
+step binarize "fairseq-preprocess --only-source (dictionary from the train split)"
 "$PYTHON" -m fairseq_cli.preprocess --only-source \
     --trainpref "$WORK/train.bpe" --validpref "$WORK/valid.bpe" --testpref "$WORK/test.bpe" \
     --destdir "$PARTIAL" --workers "$WORKERS"

@@ -105,7 +105,7 @@ WORK=$PARTIAL/work
 # subword-nmt's parallel workers write temporary files of the corpus's size: keep them here.
 export TMPDIR=$WORK/tmp
 mkdir -p "$WORK" "$TMPDIR"
-step "preparing WMT14 En-De with $BPE_TOKENS BPE merges into $OUT (working in $PARTIAL)"
+step begin "preparing WMT14 En-De with $BPE_TOKENS BPE merges into $OUT (working in $PARTIAL)"
 
 # -- the raw corpora: each archive is downloaded whole (as .part first) and the files the recipe
 # reads are moved out of a scratch extraction directory, so a file in RAW_DIR is always complete.
@@ -117,7 +117,7 @@ for entry in "${to_extract[@]}"; do
         download "$url" "$RAW_DIR/$archive" \
             "or pass --raw-dir with a directory that holds $archive or the files extracted from it, or --mirror URL"
     fi
-    step "extracting $members from $RAW_DIR/$archive"
+    step extract "extracting $members from $RAW_DIR/$archive"
     scratch=$RAW_DIR/.extract.$$
     SCRATCH_PATHS+=("$scratch")
     rm -rf "$scratch"
@@ -144,36 +144,37 @@ for lang in en de; do
     text_jobs+=(--text "$lang" "$WORK/train.tok.$lang" "${train_files[@]}")
     text_jobs+=(--text "$lang" "$WORK/valid.tok.$lang" "$RAW_DIR/$VALID_SET.$lang")
 done
-step "normalising and tokenising train (${TRAIN_CORPORA[*]}), valid ($VALID_SET) and test (newstest2014); workers: $WORKERS"
+step tokenize "normalising and tokenising train (${TRAIN_CORPORA[*]}), valid ($VALID_SET) and test (newstest2014); workers: $WORKERS"
 "$PYTHON" "$PREPARE_PY/wmt.py" tokenize --workers "$WORKERS" "${text_jobs[@]}" \
     --sgm en "$WORK/test.tok.en" "$RAW_DIR/$TEST_SGM_EN" \
     --sgm de "$WORK/test.tok.de" "$RAW_DIR/$TEST_SGM_DE"
 
 # the untokenized German side of newstest2014, the reference of detokenized sacreBLEU
 # (fairseq-agg-eval mt --reference OUT/test.raw.de)
+step reference "extracting the raw German side of newstest2014 (the reference of detokenized sacreBLEU)"
 "$PYTHON" "$PREPARE_PY/wmt.py" reference "$RAW_DIR/$TEST_SGM_DE" "$PARTIAL/test.raw.de"
 
 # -- joint BPE -----------------------------------------------------------------------------------
+step learn-bpe "learning $BPE_TOKENS BPE merges on the English and German training text together"
 cat "$WORK/train.tok.en" "$WORK/train.tok.de" >"$WORK/train.tok.en-de"
-step "learning $BPE_TOKENS BPE merges on the English and German training text together"
 "$PYTHON" -m subword_nmt.learn_bpe --input "$WORK/train.tok.en-de" --output "$PARTIAL/code" \
     --symbols "$BPE_TOKENS" --num-workers "$WORKERS"
 rm "$WORK/train.tok.en-de"
 for split in train valid test; do
     for lang in en de; do
-        step "applying BPE to $split.$lang"
+        step apply-bpe "applying BPE to $split.$lang"
         "$PYTHON" -m subword_nmt.apply_bpe --codes "$PARTIAL/code" --num-workers "$WORKERS" \
             --input "$WORK/$split.tok.$lang" --output "$WORK/bpe.$split.$lang"
     done
 done
 
 # -- clean and binarize --------------------------------------------------------------------------
-step "cleaning train and valid (clean-corpus-n: ratio 1.5, 1 to 250 tokens)"
+step clean "cleaning train and valid (clean-corpus-n: ratio 1.5, 1 to 250 tokens)"
 "$PYTHON" "$PREPARE_PY/wmt.py" clean --langs en de --ratio 1.5 --min 1 --max 250 \
     --corpus "$WORK/bpe.train" "$WORK/train" --corpus "$WORK/bpe.valid" "$WORK/valid"
 for lang in en de; do mv "$WORK/bpe.test.$lang" "$WORK/test.$lang"; done
 
-step "fairseq-preprocess --joined-dictionary"
+step binarize "fairseq-preprocess --joined-dictionary"
 "$PYTHON" -m fairseq_cli.preprocess --source-lang en --target-lang de \
     --trainpref "$WORK/train" --validpref "$WORK/valid" --testpref "$WORK/test" \
     --destdir "$PARTIAL" --joined-dictionary --workers "$WORKERS"

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -144,30 +143,34 @@ def wmt_mirror(wmt_raw, tmp_path_factory):
 
 
 # -- WikiText-103 ------------------------------------------------------------------------------
+def _sigint_at_default():
+    # Ctrl-C at a terminal reaches a script whose SIGINT is at its default. A test run started in
+    # the background of a non-interactive shell (`cmd &` in a script, nohup, some CI runners)
+    # would hand SIGINT down ignored, and bash can trap no signal that was ignored on entry.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script, args, env):
     return subprocess.Popen(
         [BASH, str(SCRIPTS / script), *map(str, args)], cwd=str(REPO), env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_sigint_at_default,
     )
 
 
-def _interrupt_once_working(proc, root, out, sig, delay=0.5, during="fairseq-preprocess"):
-    """Send ``sig`` to the run's process group ``delay`` seconds into the step whose log line
-    mentions ``during`` (fairseq-preprocess spends seconds importing fairseq, so the signal
-    lands mid-step however fast the machine), with the partial directory already written."""
+def _interrupt_at_step(proc, root, out, sig, step):
+    """Send ``sig`` to the run's process group once its log marks the start of ``step``
+    ("step NAME:", logged right before the step's command is launched), the partial directory
+    written; returns the whole log."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if during in line:
+        if f"] step {step}: " in line:
             break
     else:
-        raise AssertionError("the run ended before its step '%s':\n%s" % (during, "".join(seen)))
+        raise AssertionError("the run ended before its step '%s':\n%s" % (step, "".join(seen)))
     assert list(root.glob(f"{out.name}.partial.*/work")), "the run had not started writing"
-    time.sleep(delay)
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:  # it ended already
-        pass
+    os.killpg(proc.pid, sig)
     return "".join(seen) + proc.communicate(timeout=60)[0]
 
 
@@ -179,16 +182,16 @@ def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, w
     args = ["--bpe", "sentencepiece", "--vocab-size", 700, "--source", wikitext_dir, "--out", out,
             "--raw-dir", tmp_path / "raw", "--workers", 2]
 
-    # Ctrl-C: the run cleans up after itself
-    # delay 0: the signal lands while fairseq-preprocess is still starting; later, its worker
-    # pool could absorb Ctrl-C and let the step finish
-    log = _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGINT,
-                                  delay=0)
+    # Ctrl-C as fairseq-preprocess is launched, while it is still starting: the run cleans up
+    # after itself
+    log = _interrupt_at_step(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGINT,
+                             "binarize")
     assert "nothing was written to" in log
     assert_nothing_complete(tmp_path, out)
 
-    # killed outright: its partial directory stays behind, but nothing looks complete
-    _interrupt_once_working(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGKILL)
+    # killed outright in the same step: its partial directory stays behind, but nothing looks complete
+    _interrupt_at_step(_start("prepare-wikitext103.sh", args, script_env()), tmp_path, out, signal.SIGKILL,
+                       "binarize")
     assert len(list(tmp_path.glob("wikitext-103.partial.*"))) == 1
     assert not out.exists() and not list(tmp_path.rglob("COMPLETE"))
 
@@ -210,9 +213,11 @@ def test_wikitext_sentencepiece_after_interrupted_runs(wikitext_dir, tmp_path, w
         assert train[i][-1] == dictionary.eos()
         assert processor.decode(pieces) == processor.decode(processor.encode(lines[i].strip()))
 
-    started = time.time()
+    # a complete output is left as it is: no step runs, nothing is rewritten
+    written = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
     log = run_script("prepare-wikitext103.sh", *args).stdout
-    assert "already complete" in log and time.time() - started < 10
+    assert "already complete" in log and "] step " not in log
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == written
 
 
 def test_wikitext_gpt2_downloaded_from_urls(wikitext_dir, tmp_path, wmt_run):
@@ -411,8 +416,7 @@ def test_missing_commands_are_named_only_when_needed(wmt_raw, tmp_path):
     # the files extracted already: neither curl nor tar is needed, so the run starts working
     env = script_env(PATH=_bin_dir(tmp_path / "bin", basics))
     proc = _start("prepare-wmt14-en-de.sh", ["--raw-dir", wmt_raw, "--out", tmp_path / "mt"], env)
-    log = _interrupt_once_working(proc, tmp_path, tmp_path / "mt", signal.SIGTERM, delay=0,
-                                  during="normalising and tokenising")
+    log = _interrupt_at_step(proc, tmp_path, tmp_path / "mt", signal.SIGTERM, "tokenize")
     assert "error:" not in log and "nothing was written to" in log
     assert_nothing_complete(tmp_path, tmp_path / "mt")
 
