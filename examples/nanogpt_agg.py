@@ -121,7 +121,8 @@ def main(argv=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        agg.step()  # AGG: one completed update
+        if not args.mle:
+            agg.step()  # AGG: one completed update
         if step % max(1, args.steps // 6) == 0:
             print(f"step {step:4d}  loss {loss.item():.3f}  rare {agg.num_rare if not args.mle else '-'}", flush=True)
     model.eval()

@@ -13,6 +13,8 @@ Two processes against one with accumulation: ``tests/test_hf_ddp.py``.
 """
 
 import json
+import logging
+import math
 import shutil
 
 import pytest
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from fairseq_agg.hf import AGG_COUNTER_NAME, AggArguments, AggTrainer  # noqa: E402  (before transformers' models)
 from fairseq_agg.errors import AggConfigError  # noqa: E402
+from fairseq_agg.hf.trainer import MODEL_LOSS_RTOL  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, TrainerCallback, TrainingArguments  # noqa: E402
 
 from _agg_oracle import (  # noqa: E402
@@ -48,17 +51,17 @@ def dataset(n=N_EXAMPLES, seed=5):
     return ListDataset(*zipf_tokens(n, T, V, seed))
 
 
-def tiny_config(tied=True, vocab=V):
+def tiny_config(tied=True, vocab=V, dropout=0.0):
     return GPT2Config(
         vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
         tie_word_embeddings=tied, use_cache=False,
     )
 
 
-def tiny_gpt2(tied=True, seed=0):
+def tiny_gpt2(tied=True, seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(tiny_config(tied)).to(torch.float64)
+    model = GPT2LMHeadModel(tiny_config(tied, dropout=dropout)).to(torch.float64)
     assert (model.lm_head.weight is model.transformer.wte.weight) == tied
     return model
 
@@ -247,16 +250,55 @@ def test_resume_is_bit_identical(tmp_path):
     assert same_counter(full, again)
 
 
+def test_resume_takes_the_current_options_and_logs_the_changed_ones(tmp_path, caplog):
+    data = dataset()
+    first = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "first", max_steps=2, save_strategy="steps",
+                       save_steps=2), train_dataset=data, agg_alpha=ALPHA, agg_window=3, agg_static_after=10)
+    first.train()
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    saved = torch.load(checkpoint / AGG_COUNTER_NAME, weights_only=True)
+    assert saved["agg_options"]["agg_window"] == 3 and saved["agg_options"]["agg_alpha"] == ALPHA
+
+    def resume(name, folder, **options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fairseq_agg.hf.trainer"):
+            trainer = AggTrainer(model=tiny_gpt2(), args=training_args(tmp_path / name, max_steps=3),
+                                 train_dataset=data, **options)
+            trainer.train(resume_from_checkpoint=str(folder))
+        logged = [r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
+        assert len(logged) <= 1, logged
+        return trainer, logged[0] if logged else ""
+
+    # Defaults now: the window is one epoch of this run (6 steps), no static group; alpha changed.
+    resumed, logged = resume("resumed", checkpoint, agg_alpha=0.5)
+    assert resumed.agg.window == 6 and resumed.agg.counter.freeze_after is None and resumed.agg.alpha == 0.5
+    assert resumed.agg.num_updates == 3
+    for change in ("agg_window 3 -> 6", "agg_alpha 0.9 -> 0.5", "agg_static_after 10 -> None"):
+        assert change in logged, logged
+    assert "agg_nspecial" not in logged and "agg_no_g1" not in logged  # unchanged: not logged
+    _, logged = resume("same", checkpoint, agg_alpha=ALPHA, agg_window=3, agg_static_after=10)
+    assert logged == ""
+    # agg_counter.pt of an earlier version (counter only) still loads; the window it kept is compared.
+    older = tmp_path / "older" / "checkpoint-2"
+    shutil.copytree(checkpoint, older)
+    torch.save({"_extra_state": saved["_extra_state"]}, older / AGG_COUNTER_NAME)
+    resumed, logged = resume("from-older", older, agg_alpha=ALPHA)
+    assert resumed.agg.window == 6 and resumed.agg.num_updates == 3
+    assert "agg_window 3 -> 6" in logged and "agg_alpha" not in logged
+
+
 # -- other architectures ---------------------------------------------------------------------------
+SMALL = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+
+
 def _other_models():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    small = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     return [
-        ("llama-untied", LlamaForCausalLM, LlamaConfig(**small, num_key_value_heads=1, tie_word_embeddings=False)),
-        ("qwen2-tied", Qwen2ForCausalLM, Qwen2Config(**small, num_key_value_heads=1, tie_word_embeddings=True)),
-        ("gpt-neox", GPTNeoXForCausalLM, GPTNeoXConfig(**small, tie_word_embeddings=False)),
+        ("llama-untied", LlamaForCausalLM, LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=False)),
+        ("qwen2-tied", Qwen2ForCausalLM, Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True)),
+        ("gpt-neox", GPTNeoXForCausalLM, GPTNeoXConfig(**SMALL, tie_word_embeddings=False)),
     ]
 
 
@@ -276,12 +318,81 @@ def test_llama_qwen2_and_gpt_neox(tmp_path):
         assert trainer.agg.num_updates == 2, name
 
 
+# -- the model's own loss ---------------------------------------------------------------------------
+def _tiny_mixtral():
+    """Router loss on, at its default weight (0.001). float32: its experts' grouped matmul has no float64."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(**SMALL, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                                            output_router_logits=True))
+
+
+def _tiny_falcon_h1():
+    """Logits scaled by 0.25 after the head."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    torch.manual_seed(0)
+    return FalconH1ForCausalLM(FalconH1Config(**SMALL, num_key_value_heads=1, lm_head_multiplier=0.25, mamba_d_ssm=16,
+                                              mamba_d_state=4, mamba_n_heads=2, mamba_d_head=8, mamba_n_groups=1,
+                                              mamba_d_conv=2, mamba_chunk_size=16))
+
+
+@pytest.mark.parametrize("build", [_tiny_mixtral, _tiny_falcon_h1], ids=["mixtral-router-loss", "falcon-h1-multiplier"])
+def test_a_model_whose_own_loss_is_not_head_cross_entropy_is_refused(tmp_path, build):
+    model = build()
+    data = dataset(8)
+    trainer = AggTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, agg_alpha=ALPHA)
+    with pytest.raises(AggConfigError) as excinfo:
+        trainer.train()
+    own, head = trainer.model_loss_check
+    _one_line(excinfo, type(model).__name__, f"{own:.6g}", f"{head:.6g}", "stock Trainer")
+    assert not math.isclose(own, head, rel_tol=MODEL_LOSS_RTOL)
+    assert trainer.agg.num_updates == 0 and trainer.state.global_step == 0  # refused at the first step
+    # The two values are what they say, measured here on one example without the trainer.
+    example = {"input_ids": data.ids[:1], "labels": data.labels[:1]}
+    assert not trainer.model_loss_is_head_cross_entropy(model, example)
+    with torch.no_grad():
+        hidden = model.model(input_ids=example["input_ids"]).last_hidden_state
+        head_logits = hidden[0, :-1] @ model.lm_head.weight.t()
+        want = (float(model(**example).loss), float(F.cross_entropy(head_logits, example["labels"][0, 1:])))
+    assert all(math.isclose(got, ref, rel_tol=1e-5) for got, ref in zip(trainer.model_loss_check, want))
+
+
+def test_the_loss_check_holds_under_dropout_and_leaves_the_rng_alone(tmp_path):
+    """GPT-2 with dropout 0.1: both values come from one forward pass (the same dropout draws), and
+    the RNG is forked, so the run equals one whose check is skipped, bit for bit."""
+    trainers = {}
+    for name in ("checked", "unchecked"):
+        trainer = AggTrainer(model=tiny_gpt2(dropout=0.1), args=training_args(tmp_path / name, max_steps=3),
+                             train_dataset=dataset(), agg_alpha=ALPHA)
+        if name == "unchecked":
+            trainer.model_loss_is_head_cross_entropy = lambda model, inputs: True
+        trainer.train()
+        trainers[name] = trainer
+    own, head = trainers["checked"].model_loss_check
+    assert math.isclose(own, head, rel_tol=1e-6), (own, head)
+    for (name, p1), (_, p2) in zip(trainers["checked"].model.named_parameters(),
+                                   trainers["unchecked"].model.named_parameters()):
+        assert torch.equal(p1, p2), name
+
+
 # -- 6. refusals ---------------------------------------------------------------------------------
 def _one_line(excinfo, *words):
     message = str(excinfo.value)
     assert "\n" not in message and message.strip(), message
     for word in words:
         assert word in message, message
+
+
+def test_a_head_resized_after_the_trainer_was_built_is_refused(tmp_path):
+    model = tiny_gpt2()
+    trainer = AggTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset(8), agg_alpha=ALPHA)
+    model.resize_token_embeddings(V + 8, mean_resizing=False)
+    with pytest.raises(AggConfigError) as excinfo:
+        trainer.train()
+    _one_line(excinfo, "resized", "resize_token_embeddings", str(V + 8), str(V), "then build AggTrainer")
+    assert trainer.state.global_step == 0
 
 
 def test_models_it_cannot_serve_are_refused(tmp_path):
@@ -362,12 +473,16 @@ def test_full_logits_are_never_built(tmp_path):
     vocab = 53  # no other dimension of the model has this size
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config(tied=False, vocab=vocab)).to(torch.float64)
-    one_pass = _vocab_tensor_shapes(AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA),
-                                    model, batch, vocab)
+    trainer = AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA)
+    first = _vocab_tensor_shapes(trainer, model, batch, vocab)
+    # The first training batch: the model's own loss is compared with AGG's once, on one example.
+    assert [s for s in first if len(s) == 3] and all(s[0] == 1 for s in first if len(s) == 3)
+    one_pass = _vocab_tensor_shapes(trainer, model, batch, vocab)
     assert (rows, vocab) in one_pass  # the spy sees the loss's one logits tensor...
     assert not [s for s in one_pass if len(s) == 3]  # ...and never the model's (batch, length, V) logits
-    chunked = _vocab_tensor_shapes(AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA,
-                                              agg_chunk_size=5), model, batch, vocab)
+    chunked_trainer = AggTrainer(model=model, args=training_args(tmp_path), agg_alpha=ALPHA, agg_chunk_size=5)
+    chunked_trainer.compute_loss(model, dict(batch))  # its first batch, with the one-example check
+    chunked = _vocab_tensor_shapes(chunked_trainer, model, batch, vocab)
     rows_of_logits = [s[0] for s in chunked if s != (16, vocab)]  # (d, V): W^T, not logits
     assert rows_of_logits and max(rows_of_logits) <= 5, chunked  # chunks of 5 positions only
     # The stock loss, for contrast: the spy does see the model's logits there.

@@ -23,8 +23,16 @@ How it works (nothing of the model is patched for longer than one forward call):
   it away when the step was skipped (fp16 overflow). ``evaluate()`` / ``predict()`` run under
   ``torch.no_grad()`` with the model in eval mode and never count. The window defaults to one
   epoch of optimizer steps (the paper's K).
-* **Checkpoints.** Every Trainer checkpoint holds the counter in ``agg_counter.pt``;
-  ``train(resume_from_checkpoint=...)`` restores it.
+* **The model's own loss.** At the first training step the model is also called once with the
+  labels (one example, no gradient, the same mode, the RNG forked so training's random stream is
+  untouched): a model whose own loss is not plain cross-entropy on its output head (an auxiliary
+  loss such as a Mixtral's router loss, logits scaled after the head) is refused in one line
+  naming both values, since AGG's loss would silently drop the difference.
+* **Checkpoints.** Every Trainer checkpoint holds the counter and the AGG options in
+  ``agg_counter.pt``; ``train(resume_from_checkpoint=...)`` restores the counter. On resume every
+  AGG option takes the value of the current arguments, defaults included (the window's default
+  being one epoch of optimizer steps); each option whose value differs from the checkpoint's is
+  logged once as ``name old -> new``.
 * **Logging.** ``agg_rare`` (the rare-group size, averaged over the updates since the last log)
   joins the Trainer's training logs, so TensorBoard, W&B etc. see it.
 * **Label smoothing.** ``TrainingArguments.label_smoothing_factor``, with the Trainer's own
@@ -33,6 +41,7 @@ How it works (nothing of the model is patched for longer than one forward call):
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -52,7 +61,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["AggArguments", "AggTrainer", "AGG_COUNTER_NAME", "output_head"]
 
 AGG_COUNTER_NAME = "agg_counter.pt"
+AGG_OPTIONS_KEY = "agg_options"  # beside the counter state in agg_counter.pt
 IGNORE_INDEX = -100
+# How far the model's own loss may lie from cross-entropy on its head and still be that loss:
+# float32 rounding of a mean is ~1e-7 of it, while a Mixtral's router loss at its default weight
+# (0.001) adds ~5e-4.
+MODEL_LOSS_RTOL = 1e-4
 
 # Config attributes by which a model transforms the head's output before it becomes the logits:
 # AGG's loss on the head's input would not be the model's loss.
@@ -229,7 +243,71 @@ class AggTrainer(Trainer):
         self.label_smoother = None
         self._agg_rare_sum = 0
         self._agg_rare_updates = 0
+        self._model_loss_checked = False
+        self.model_loss_check = None  # (model's own loss, cross-entropy on its head), once measured
+        self._agg_options_resumed = None  # the options of the checkpoint being resumed
         self.add_callback(_AggCallback(self))
+
+    def _agg_head(self, model: nn.Module) -> nn.Linear:
+        """The model's output head, refusing one resized after the counter was sized to it."""
+        head = output_head(model)
+        if head.weight.size(0) != self.agg.vocab_size:
+            raise AggConfigError(
+                f"AggTrainer: the model's output layer has {head.weight.size(0)} rows but had {self.agg.vocab_size} "
+                f"when AggTrainer was built: it was resized (resize_token_embeddings) after AggTrainer was built; "
+                f"resize the model first, then build AggTrainer"
+            )
+        return head
+
+    # -- the model's own loss -----------------------------------------------------------------
+    def model_loss_is_head_cross_entropy(self, model: nn.Module, inputs: dict) -> bool:
+        """Whether the model's own loss on ``inputs`` (the model called with the labels) is plain
+        cross-entropy on its output head's logits: the loss that AGG's replaces (label smoothing
+        aside). Both values come from one forward pass (so dropout draws match) without gradients,
+        in the model's current mode, with the RNG forked so that training's random stream is
+        untouched; they are kept in ``self.model_loss_check``."""
+        model = unwrap(model)
+        head = self._agg_head(model)
+        labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
+        measured = {}
+
+        def projecting_head(hidden):
+            logits = F.linear(hidden, head.weight)
+            if "head" not in measured:
+                z, y = (logits, shift_labels) if shift_labels is not None else (logits[..., :-1, :], labels[..., 1:])
+                z = z.reshape(-1, z.size(-1)).to(torch.promote_types(z.dtype, torch.float32))
+                measured["head"] = float(F.cross_entropy(z, y.reshape(-1), ignore_index=IGNORE_INDEX))
+            return logits
+
+        # The model computes its own loss only when given labels.
+        own_inputs = {**inputs, "labels": labels if labels is not None else shift_labels}
+        device = head.weight.device
+        accelerator = device.type != "cpu"  # the CPU's RNG is always forked
+        rng = torch.random.fork_rng([device] if accelerator else [], device_type=device.type if accelerator else None)
+        with torch.no_grad(), rng, _head_replaced(head, projecting_head):
+            outputs = model(**own_inputs)
+        own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+        if own is None or "head" not in measured:
+            logger.warning(f"AggTrainer: {type(model).__name__} returned no loss for labelled inputs; its own loss "
+                           f"could not be compared with AGG's")
+            return True
+        self.model_loss_check = (float(own), measured["head"])
+        return math.isclose(*self.model_loss_check, rel_tol=MODEL_LOSS_RTOL, abs_tol=1e-6)
+
+    def _refuse_unless_head_cross_entropy(self, model: nn.Module, inputs: dict) -> None:
+        example = _one_labelled_example(inputs)
+        if example is None:
+            return  # every label ignored: the next batch is checked
+        self._model_loss_checked = True
+        if not self.model_loss_is_head_cross_entropy(model, example):
+            own, head = self.model_loss_check
+            raise AggConfigError(
+                f"AggTrainer: {type(unwrap(model)).__name__}'s own loss on a training example is {own:.6g} but "
+                f"cross-entropy on its output head is {head:.6g}, the loss AGG trains with: the model adds to or "
+                f"transforms its logits' loss (an auxiliary loss such as a router loss, or logits scaled after the "
+                f"head), which AGG would drop; turn that off in the model's config (e.g. output_router_logits=False) "
+                f"or train this model with the stock Trainer"
+            )
 
     # -- the loss -----------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -251,7 +329,10 @@ class AggTrainer(Trainer):
         shift_labels = inputs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
             raise AggConfigError("AggTrainer needs labels in every batch (e.g. DataCollatorForLanguageModeling(mlm=False))")
-        head = output_head(model)
+        if model.training and not self._model_loss_checked:
+            given = {"labels": labels, "shift_labels": shift_labels}
+            self._refuse_unless_head_cross_entropy(model, {**inputs, **{k: v for k, v in given.items() if v is not None}})
+        head = self._agg_head(model)
         # Counting follows the model's mode: training_step puts it in train mode, evaluation in eval.
         self.agg.train(model.training)
         slot = {}
@@ -309,11 +390,30 @@ class AggTrainer(Trainer):
     # -- the window, logging and checkpoints -----------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
-        if self.agg.window is None:
-            steps_per_epoch = max(1, int(values[1]))
-            self.agg.set_window(steps_per_epoch)
-            logger.info(f"AGG token counter window K = {steps_per_epoch} optimizer steps (one epoch)")
+        # Fresh or resumed, the window is the current argument's, or one epoch of this run.
+        window = self.agg_args.agg_window
+        if window is None:
+            window = max(1, int(values[1]))
+            logger.info(f"AGG token counter window K = {window} optimizer steps (one epoch)")
+        self.agg.set_window(window)
+        self._log_changed_agg_options()
         return values
+
+    def agg_options(self) -> dict:
+        """The AGG options in force (the window as the counter holds it), saved with every checkpoint."""
+        options = {f.name: getattr(self.agg_args, f.name) for f in fields(AggArguments)}
+        options["agg_window"] = self.agg.window
+        return options
+
+    def _log_changed_agg_options(self) -> None:
+        saved, self._agg_options_resumed = self._agg_options_resumed, None
+        if saved is None:
+            return
+        changes = [f"{name} {saved[name]} -> {value}" for name, value in self.agg_options().items()
+                   if name in saved and saved[name] != value]
+        if changes:
+            logger.warning("AGG options differ from the checkpoint's: " + "; ".join(changes)
+                           + " (the current values apply)")
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._agg_rare_updates > 0:
@@ -325,10 +425,12 @@ class AggTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.agg.state_dict(), os.path.join(folder, AGG_COUNTER_NAME))
+            state = {**self.agg.state_dict(), AGG_OPTIONS_KEY: self.agg_options()}
+            torch.save(state, os.path.join(folder, AGG_COUNTER_NAME))
         return super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._agg_head(self.model)  # before any long work
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
@@ -337,12 +439,34 @@ class AggTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_agg_counter(self, checkpoint: str) -> None:
-        """Restores the token counter saved in a Trainer checkpoint folder."""
+        """Restores the token counter saved in a Trainer checkpoint folder; the options stay the
+        current arguments' (the changed ones are logged when training starts)."""
         path = os.path.join(checkpoint, AGG_COUNTER_NAME)
         if not os.path.isfile(path):
             logger.warning(f"{checkpoint} holds no AGG token counter ({AGG_COUNTER_NAME}): the counter starts empty")
             return
-        self.agg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_options = state.pop(AGG_OPTIONS_KEY, None) or {}
+        self.agg.load_state_dict(state)
+        counter = state.get("_extra_state", state)
+        # Files written before the options were saved: the two that the counter itself kept.
+        self._agg_options_resumed = {"agg_window": counter.get("window"), "agg_static_after": counter.get("freeze_after"),
+                                     **saved_options}
+        self.agg.counter.freeze_after = self.agg_args.agg_static_after
+
+
+def _one_labelled_example(inputs: dict) -> Optional[dict]:
+    """``inputs`` cut to their first example with a counted label (None without one), so that
+    the loss check's forward builds one sequence's logits whatever the batch size."""
+    counted = _aligned_labels(inputs).ne(IGNORE_INDEX)
+    if counted.dim() < 2:
+        return dict(inputs) if bool(counted.any()) else None
+    rows = counted.flatten(1).any(1).nonzero()
+    if rows.numel() == 0:
+        return None
+    row, batch = int(rows[0]), counted.size(0)
+    return {k: v[row : row + 1] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == batch else v
+            for k, v in inputs.items()}
 
 
 def _aligned_labels(batch) -> torch.Tensor:
