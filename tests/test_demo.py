@@ -7,6 +7,7 @@ import math
 import pytest
 
 from fairseq_agg import demo
+from fairseq_agg.workdir import stamp_owner
 
 
 def test_results_json_written(quick_demo):
@@ -66,6 +67,9 @@ def test_seeds_give_each_seed_and_numpys_mean_and_sample_std(tmp_path):
             assert run["std"][key] == pytest.approx(np.std(per_seed, ddof=1), rel=1e-9)
         for seed in (1, 2, 3):
             assert (workdir / f"{name}-seed{seed}" / "checkpoint_last.pt").is_file()
+    # a re-run may replace what this one wrote: each folder carries the demo's stamp
+    made = [workdir, workdir / "data-bin", *(workdir / f"{n}-seed{s}" for n in ("mle", "agg") for s in (1, 2, 3))]
+    assert {stamp_owner(folder) for folder in made} == {"fairseq-agg-demo"}
     # the seeds differ (else the std says nothing)
     assert len({on_disk["runs"]["mle"]["seeds"][s]["I(W)"] for s in ("1", "2", "3")}) == 3
     table = demo.format_table(results["runs"])
@@ -80,11 +84,11 @@ HF_TINY = ["--framework", "hf", "--max-steps", "1", "--train-lines", "40", "--ev
            "--batch-size", "2", "--embed-dim", "16", "--layers", "1", "--jobs", "2"]
 
 
-def refusal_line(capsys, argv, main=None) -> str:
-    """The one stderr line of a refused run, which must exit with status 2."""
+def refusal_line(capsys, argv) -> str:
+    """The one stderr line of a refused ``fairseq-agg-demo ARGV``, which must exit with status 2."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
-        (main or demo.main)(argv)
+        demo.main(argv)
     assert refused.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
@@ -99,7 +103,7 @@ def test_a_workdir_the_demo_did_not_write_is_refused_and_left_alone(tmp_path, ca
     assert line == (f"fairseq-agg-demo: error: {workdir} holds files that fairseq-agg-demo did not write "
                     "(no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself")
     assert (workdir / "agg" / "checkpoint_best.pt").read_text() == "the user's model"
-    assert [p.name for p in workdir.rglob("*")] == ["agg", "checkpoint_best.pt"]
+    assert sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*")) == ["agg", "agg/checkpoint_best.pt"]
 
 
 @pytest.mark.parametrize("folder", ["data-bin", "agg"])

@@ -5,6 +5,8 @@ CUDA-only synchronisation check is skipped."""
 import json
 import subprocess
 
+from fairseq_agg.workdir import stamp_owner
+
 from conftest import REPO, subprocess_env
 
 
@@ -24,6 +26,7 @@ def test_gpu_check_passes_in_its_cpu_form(tmp_path):
                      "agg_cross_entropy bf16, 4 updates", "agg_unlikelihood bf16, stopped at 2 and resumed",
                      "output-layer bench bf16"):
         assert expected in names, names
+    assert stamp_owner(tmp_path) == stamp_owner(tmp_path / "runs") == "gpu-check"  # a re-run may replace them
 
 
 def test_an_out_folder_the_check_did_not_write_is_refused_in_one_line_and_left_alone(tmp_path):
@@ -36,5 +39,6 @@ def test_an_out_folder_the_check_did_not_write_is_refused_in_one_line_and_left_a
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"gpu_check.py: error: {tmp_path} holds files that gpu-check did not write (no .fairseq-agg-owner stamp); "
         "pass another --out or remove it yourself"], proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert [p.name for p in tmp_path.rglob("*")] == ["runs", "demo", "checkpoint_best.pt"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "runs", "runs/demo", "runs/demo/checkpoint_best.pt"]
     assert (tmp_path / "runs" / "demo" / "checkpoint_best.pt").read_text() == "the user's model"

@@ -16,6 +16,7 @@ import torch
 from fairseq_agg import average_checkpoints as avg
 from fairseq_agg import reproduce
 from fairseq_agg.fairseq_fixes import saved_counter_state
+from fairseq_agg.workdir import stamp_owner
 
 from _fairseq import REPO, USER_DIR
 
@@ -103,6 +104,8 @@ def test_table3_smoke_has_the_papers_rows_and_columns(table3, lm_out):
         assert step in proc.stdout
     results = json.loads((lm_out / "runs" / "lm_agg" / "eval" / "results.json").read_text())
     assert results["checkpoint"].endswith("lm_agg/checkpoint_best.pt")
+    # later tables may replace the smoke data: --out and the data-bin carry reproduce's stamp
+    assert stamp_owner(lm_out) == stamp_owner(lm_out / "data-bin" / "wikitext-2") == "fairseq_agg.reproduce"
 
 
 def test_table6_reuses_the_table3_models_and_resumes_an_unfinished_one(table3, lm_out):

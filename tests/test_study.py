@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fairseq_agg import study
+from fairseq_agg.workdir import stamp_owner
 
 
 def test_smoke_study_runs_end_to_end(tmp_path):
@@ -27,6 +28,9 @@ def test_smoke_study_runs_end_to_end(tmp_path):
         assert f"| MLE | {length} | {mle['ppl total']['mean']:.2f} ± {mle['ppl total']['std']:.2f} |" in text
         assert f"At {length} updates:" in text
     assert "Total-perplexity gap of AGG over MLE with training length" in text
+    # a re-run may replace what this one wrote: each folder carries the study's stamp
+    made = [tmp_path, tmp_path / "smoke-data", tmp_path / "data-bin", *(tmp_path / key for key in result["runs"])]
+    assert {stamp_owner(folder) for folder in made} == {"fairseq_agg.study"}
 
 
 def _summary(ppl_total, ppl_rare):
@@ -78,5 +82,6 @@ def test_a_workdir_the_study_did_not_write_is_refused_in_one_line_and_left_alone
     assert capsys.readouterr().err.splitlines() == [
         f"python -m fairseq_agg.study: error: {tmp_path} holds files that fairseq_agg.study did not write "
         "(no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself"]
-    assert [p.name for p in tmp_path.rglob("*")] == ["mle-seed1", "checkpoint_best.pt"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "mle-seed1", "mle-seed1/checkpoint_best.pt"]
     assert (tmp_path / "mle-seed1" / "checkpoint_best.pt").read_text() == "the user's model"
