@@ -31,7 +31,10 @@ __all__ = [
     "constant_gates",
     "static_rare_mask",
     "gated_linear",
-    "add_rare_row_correction",
+    "VocabShard",
+    "RowGating",
+    "row_gating",
+    "gated_weight_gradient",
     "label_smoothed_nll_loss",
     "gated_cross_entropy",
     "log_probs",
@@ -124,52 +127,99 @@ def static_rare_mask(
     return rare
 
 
-def add_rare_row_correction(
-    out: torch.Tensor,
-    grad_logits: torch.Tensor,
-    features: torch.Tensor,
-    target: torch.Tensor,
-    gates: Gates,
-) -> torch.Tensor:
-    """Adds to ``out`` what turns diag(g1) D^T H into the gated (D * Gate)^T H.
+@dataclass(frozen=True)
+class VocabShard:
+    """This process holds rows [start, start + rows) of an output layer of ``vocab_size`` rows
+    (vocabulary parallelism); the processes of ``group`` hold the others, so a row's softmax
+    and the features' gradient are combined over ``group``."""
+
+    start: int
+    vocab_size: int
+    group: object = None  # a torch.distributed ProcessGroup
+
+
+@dataclass
+class RowGating:
+    """How each row of one output projection is gated: ``rare[i]``, whether row i's target is
+    rare (False for rows without a target), and ``own[i]``, the local column of row i's target
+    (-1 when it has none here: ignored, or held by another shard). ``g1``/``g2`` are the local
+    columns' gates."""
+
+    rare: torch.Tensor
+    own: torch.Tensor
+    g1: torch.Tensor
+    g2: torch.Tensor
+
+
+def row_gating(target: torch.Tensor, gates: Gates, local_rows: int, ignore_index: Optional[int] = None,
+               shard: Optional[VocabShard] = None) -> RowGating:
+    """The gating of rows with targets ``target`` (M,) (global ids; ``ignore_index`` for none)
+    for the ``local_rows`` columns that this process holds."""
+    start = shard.start if shard is not None else 0
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    own = safe - start
+    here = valid & (own >= 0) & (own < local_rows)
+    return RowGating(
+        rare=gates.rare[safe] & valid,
+        own=torch.where(here, own, torch.full_like(own, -1)),
+        g1=gates.g1[start:start + local_rows],
+        g2=gates.g2[start:start + local_rows],
+    )
+
+
+def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, rows: RowGating,
+                          out_dtype: torch.dtype, rare_rows_from: Optional[int] = None) -> torch.Tensor:
+    """(D * Gate)^T H for D = ``grad_logits`` (M, V), H = ``features`` (M, d) (paper eq. 23).
 
     Gate[i, k] is g1[k] on rows whose target is not rare and g2[k] on rows whose target is
     rare, with 1 on each row's own target column, so
     (D * Gate)^T H = diag(g1) D^T H + diag(g2 - g1) D_r^T H_r + sum_r (1 - g2[y_r]) D[r, y_r] e_{y_r} h_r^T
-    over the rows r whose target is rare. No (rows x vocabulary) gate is ever built.
+    over the rows r whose target is rare. No (rows x vocabulary) gate is ever built: one matmul
+    over all rows, and one over whichever row set (rare or not) is smaller, which it corrects.
+    ``rare_rows_from`` promises that rows [rare_rows_from:] are exactly the rare-target rows
+    (then the two row blocks cost one matmul in all).
     """
-    row_is_rare = gates.rare[target]
-    rows = row_is_rare.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return out
-    g1, g2 = gates.g1.to(out.dtype), gates.g2.to(out.dtype)
-    if 4 * rows.numel() <= target.numel():
-        # Few rare-target rows (the usual case): gather them, scale their columns, and let the
-        # matmul add into ``out`` (no (vocabulary x d) temporary).
-        out.addmm_((grad_logits[rows].to(out.dtype) * (g2 - g1)).t(), features[rows].to(out.dtype))
+    g1, g2 = rows.g1.to(out_dtype), rows.g2.to(out_dtype)
+    if rare_rows_from is not None:
+        split = rare_rows_from
+        gated = grad_logits[:split].t().matmul(features[:split]).to(out_dtype).mul_(g1.unsqueeze(1))
+        if split < grad_logits.size(0):
+            gated.addcmul_(g2.unsqueeze(1), grad_logits[split:].t().matmul(features[split:]).to(out_dtype))
+        rare_rows = torch.arange(split, grad_logits.size(0), device=grad_logits.device)
     else:
-        # Many (early in training every token is rare): mask the features instead of
-        # copying most of the logits' gradient.
-        masked = features.to(out.dtype) * row_is_rare.unsqueeze(1).to(out.dtype)
-        out.addcmul_((g2 - g1).unsqueeze(1), grad_logits.to(out.dtype).t().matmul(masked))
-    y_r = target[rows]
-    own = (1.0 - g2[y_r]) * grad_logits[rows, y_r].to(out.dtype)
-    out.index_add_(0, y_r, own.unsqueeze(1) * features[rows].to(out.dtype))
-    return out
+        full = grad_logits.t().matmul(features).to(out_dtype)
+        rare_rows = rows.rare.nonzero().squeeze(1)
+        if 2 * rare_rows.numel() <= rows.rare.numel():
+            # Few rare-target rows (the usual case once training has run a while).
+            base, delta, fewer = g1, g2 - g1, rare_rows
+        else:
+            # Early in training nearly every target is rare: correct the rows that are not.
+            base, delta, fewer = g2, g1 - g2, (~rows.rare).nonzero().squeeze(1)
+        gated = full.mul_(base.unsqueeze(1))
+        if fewer.numel() > 0:
+            gated.addmm_((grad_logits[fewer].to(out_dtype) * delta).t(), features[fewer].to(out_dtype))
+    own = rows.own[rare_rows]
+    mine = (own >= 0).nonzero().squeeze(1)
+    if mine.numel() > 0:
+        r, y_r = rare_rows[mine], own[mine]
+        fix = (1.0 - g2[y_r]) * grad_logits[r, y_r].to(out_dtype)
+        gated.index_add_(0, y_r, fix.unsqueeze(1) * features[r].to(out_dtype))
+    return gated
 
 
 class _GatedLinear(torch.autograd.Function):
     """logits = h @ W^T whose backward gates only the W path (eq. 23)."""
 
     @staticmethod
-    def forward(ctx, features, weight, target, rare, g1, g2, rare_rows_from):
-        ctx.save_for_backward(features, weight, target, rare, g1, g2)
+    def forward(ctx, features, weight, row_rare, own, g1, g2, rare_rows_from):
+        ctx.save_for_backward(features, weight, row_rare, own, g1, g2)
         ctx.rare_rows_from = rare_rows_from
         return features.matmul(weight.t())
 
     @staticmethod
     def backward(ctx, grad_logits):
-        features, weight, target, rare, g1, g2 = ctx.saved_tensors
+        features, weight, row_rare, own, g1, g2 = ctx.saved_tensors
         grad_features = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_features = grad_logits.matmul(weight)
@@ -177,32 +227,19 @@ class _GatedLinear(torch.autograd.Function):
             # Gating happens in float32 at least, whatever the training precision (float64 in a
             # float64 run: the gates are float64).
             acc_dtype = torch.promote_types(grad_logits.dtype, torch.float32)
-            gates = Gates(rare, g1, g2, num_rare=-1)
-            split = ctx.rare_rows_from
-            if split is None:
-                gated = grad_logits.t().matmul(features).to(acc_dtype).mul_(g1.to(acc_dtype).unsqueeze(1))
-                gated = add_rare_row_correction(gated, grad_logits, features, target, gates)
-            else:
-                # Rows [split:] are exactly those with a rare target: two matmuls over the two
-                # row blocks cost what one over all rows does.
-                gated = grad_logits[:split].t().matmul(features[:split]).to(acc_dtype)
-                gated.mul_(g1.to(acc_dtype).unsqueeze(1))
-                if split < target.numel():
-                    d_r, h_r, y_r = grad_logits[split:], features[split:], target[split:]
-                    g2_acc = g2.to(acc_dtype)
-                    gated.addcmul_(g2_acc.unsqueeze(1), d_r.t().matmul(h_r).to(acc_dtype))
-                    own = (1.0 - g2_acc[y_r]) * d_r.gather(1, y_r.unsqueeze(1)).squeeze(1).to(acc_dtype)
-                    gated.index_add_(0, y_r, own.unsqueeze(1) * h_r.to(acc_dtype))
-            grad_weight = gated.to(weight.dtype)
+            rows = RowGating(row_rare, own, g1, g2)
+            grad_weight = gated_weight_gradient(grad_logits, features, rows, acc_dtype, ctx.rare_rows_from)
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_features, grad_weight, None, None, None, None, None
 
 
-def _effective_gates(gates: Optional[Gates], weight: torch.Tensor) -> Optional[Gates]:
+def _effective_gates(gates: Optional[Gates], weight: torch.Tensor, shard: Optional[VocabShard] = None) -> Optional[Gates]:
     """None when nothing is gated; otherwise the gates, checked and on the weight's device."""
     if gates is None or gates.is_identity():
         return None
-    if gates.rare.numel() != weight.size(0):
-        raise ValueError(f"gates cover {gates.rare.numel()} tokens but the output layer has {weight.size(0)} rows")
+    rows = shard.vocab_size if shard is not None else weight.size(0)
+    if gates.rare.numel() != rows:
+        raise ValueError(f"gates cover {gates.rare.numel()} tokens but the output layer has {rows} rows")
     return gates.to(weight.device)
 
 
@@ -212,23 +249,29 @@ def gated_linear(
     target: torch.Tensor,
     gates: Optional[Gates],
     rare_rows_from: Optional[int] = None,
+    ignore_index: Optional[int] = None,
+    shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
     """Output projection of ``features`` (M, d) by ``weight`` (N, d) with AGG-gated W grads.
 
-    ``target`` (M,) holds each row's target token. With ``gates`` None or without any rare
-    token this is an ordinary ``features @ weight.T``. ``rare_rows_from``, if given, promises
-    that the rows from that index on are exactly the rows whose target is rare (the cheapest
-    backward; ``gated_loss`` orders rows so).
+    ``target`` (M,) holds each row's target token; rows whose target is ``ignore_index`` have
+    none and are gated as rows whose target is not rare (g1 on every rare column). With
+    ``gates`` None or without any rare token this is an ordinary ``features @ weight.T``.
+    ``rare_rows_from``, if given, promises that the rows from that index on are exactly the
+    rows whose target is rare (the cheapest backward; ``gated_loss`` orders rows so). With
+    ``shard``, ``weight`` is this process's slice of the vocabulary, the logits returned are
+    that slice's, and ``gates`` and ``target`` are global.
     """
     if features.dim() != 2 or target.dim() != 1 or target.numel() != features.size(0):
         raise ValueError(
             f"gated_linear expects features (M, d) and target (M,), got "
             f"{tuple(features.shape)} and {tuple(target.shape)}"
         )
-    gates = _effective_gates(gates, weight)
+    gates = _effective_gates(gates, weight, shard)
     if gates is None:
         return features.matmul(weight.t())
-    return _GatedLinear.apply(features, weight, target, gates.rare, gates.g1, gates.g2, rare_rows_from)
+    rows = row_gating(target, gates, weight.size(0), ignore_index, shard)
+    return _GatedLinear.apply(features, weight, rows.rare, rows.own, rows.g1, rows.g2, rare_rows_from)
 
 
 def label_smoothed_nll_loss(
@@ -472,8 +515,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
-                ul_rows, ul_tokens, ul_alpha, rare_rows_from):
-        rows_total, vocab = features.size(0), weight.size(0)
+                ul_rows, ul_tokens, ul_alpha, rare_rows_from, shard):
+        rows_total, local_rows = features.size(0), weight.size(0)
+        vocab = shard.vocab_size if shard is not None else local_rows
+        first_row = shard.start if shard is not None else 0
         acc_dtype = torch.promote_types(features.dtype, torch.float32)
         mm_dtype = _matmul_dtype(features.dtype, features.device)
         # float16 holds the logits' gradient only from about 6e-8 up: scaled by a power of two
@@ -484,7 +529,8 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         gated = need_w and rare is not None
         if gated:
-            g1_acc, g2_acc = g1.to(acc_dtype), g2.to(acc_dtype)
+            g1_acc = g1[first_row:first_row + local_rows].to(acc_dtype)
+            g2_acc = g2[first_row:first_row + local_rows].to(acc_dtype)
         weight_mm = weight.to(mm_dtype)
         weight_t_mm = weight_mm.t()
         eps_i = epsilon / (vocab - 1)
@@ -498,20 +544,35 @@ class _ChunkedGatedLoss(torch.autograd.Function):
         for chunk, start in enumerate(range(0, rows_total, chunk_rows)):
             end = min(start + chunk_rows, rows_total)
             h, y = features[start:end], target[start:end]
+            valid = y != ignore_index if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
+            # Each row's target as a column of this shard (0 where the row has none here), and
+            # whether it has one: the target's logit and its gradient live on one shard only.
+            y_here = y - first_row
+            here = valid & (y_here >= 0) & (y_here < local_rows)
+            y_col = torch.where(here, y_here, torch.zeros_like(y_here)).unsqueeze(1)
+            here_acc, valid_acc = here.to(acc_dtype), valid.to(acc_dtype)
             # One (chunk x vocabulary) buffer: logits, then probabilities, then their gradient.
             probs = _matmul(h.to(mm_dtype), weight_t_mm, acc_dtype)
-            valid = (y != ignore_index).to(acc_dtype) if ignore_index is not None else torch.ones_like(y, dtype=acc_dtype)
-            logit_y = probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            logit_y = probs.gather(1, y_col).squeeze(1) * here_acc
             logit_sum = probs.sum(dim=1) if epsilon > 0 else None
             row_max = probs.amax(dim=1, keepdim=True)
+            if shard is not None:
+                torch.distributed.all_reduce(row_max, torch.distributed.ReduceOp.MAX, group=shard.group)
             probs.sub_(row_max).exp_()
             sum_exp = probs.sum(dim=1)
+            if shard is not None:
+                # The softmax over the whole vocabulary: the shards' sums, target logits and
+                # (for label smoothing) logit sums, in one all-reduce.
+                sums = torch.stack([sum_exp, logit_y] + ([logit_sum] if epsilon > 0 else []))
+                torch.distributed.all_reduce(sums, group=shard.group)
+                sum_exp, logit_y = sums[0], sums[1]
+                logit_sum = sums[2] if epsilon > 0 else None
             log_z = row_max.squeeze(1) + sum_exp.log()
             probs.div_(sum_exp.unsqueeze(1))
-            nll_rows = (log_z - logit_y) * valid
+            nll_rows = (log_z - logit_y) * valid_acc
             nll += nll_rows.sum()
             if epsilon > 0:
-                smooth = ((vocab * log_z - logit_sum) * valid).sum()
+                smooth = ((vocab * log_z - logit_sum) * valid_acc).sum()
                 loss += (1.0 - epsilon - eps_i) * nll_rows.sum() + eps_i * smooth
             else:
                 loss += nll_rows.sum()
@@ -525,7 +586,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             if not (need_h or need_w):
                 continue
             # d loss / d logits, built in place of the probabilities.
-            row_coef = valid * (1.0 - epsilon - eps_i + vocab * eps_i)
+            row_coef = valid_acc * (1.0 - epsilon - eps_i + vocab * eps_i)
             if use_ul:
                 # d(-log(1 - p_c))/dz_j = w_c (delta_jc - p_j), w_c = p_c / (1 - p_c); 0 where clamped.
                 weight_c = torch.where(1.0 - p_cand >= 1e-5, p_cand / (1.0 - p_cand), torch.zeros_like(p_cand)) * ul_alpha
@@ -533,9 +594,9 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_logits = probs.mul_(row_coef.unsqueeze(1))
             if use_ul:
                 grad_logits.index_put_((pair_rows, pair_tokens), weight_c, accumulate=True)
-            grad_logits.scatter_add_(1, y.unsqueeze(1), (-(1.0 - epsilon - eps_i) * valid).unsqueeze(1))
+            grad_logits.scatter_add_(1, y_col, (-(1.0 - epsilon - eps_i) * here_acc).unsqueeze(1))
             if epsilon > 0:
-                grad_logits -= (eps_i * valid).unsqueeze(1)
+                grad_logits -= (eps_i * valid_acc).unsqueeze(1)
             if need_h:
                 grad_features[start:end] = _matmul(_scaled(grad_logits, mm_dtype, mm_scale), weight_mm, acc_dtype)
                 if mm_scale != 1.0:
@@ -547,9 +608,11 @@ class _ChunkedGatedLoss(torch.autograd.Function):
                 # Rows in their own order (on CUDA, where reading how many rows have a rare target
                 # would stall the host once per micro-batch): D * Gate built in place through one
                 # (chunk x vocabulary) gate, each row's own target column put back ungated.
-                own = grad_logits.gather(1, y.unsqueeze(1))
-                grad_logits.mul_(torch.where(rare[y].unsqueeze(1), g2_acc, g1_acc))
-                grad_logits.scatter_(1, y.unsqueeze(1), own)
+                row_rare = rare[torch.where(valid, y, torch.zeros_like(y))].unsqueeze(1)
+                own = grad_logits.gather(1, y_col)
+                gate = torch.where(row_rare, g2_acc, g1_acc)
+                grad_logits.mul_(gate)
+                grad_logits.scatter_add_(1, y_col, own * (1.0 - gate.gather(1, y_col)) * here_acc.unsqueeze(1))
             elif gated:
                 # Rows [rare_rows_from:] are exactly those with a rare target (chunked_gated_loss
                 # orders them so): D * Gate is D with its columns scaled by g1 on the rows before
@@ -559,12 +622,15 @@ class _ChunkedGatedLoss(torch.autograd.Function):
                 if first_rare > 0:
                     grad_logits[:first_rare].mul_(g1_acc)
                 if first_rare < end - start:
-                    d_r, y_r = grad_logits[first_rare:], y[first_rare:].unsqueeze(1)
+                    d_r, y_r = grad_logits[first_rare:], y_col[first_rare:]
                     own = d_r.gather(1, y_r)
                     d_r.mul_(g2_acc)
-                    d_r.scatter_add_(1, y_r, own * (1.0 - g2_acc[y_r]))
+                    d_r.scatter_add_(1, y_r, own * (1.0 - g2_acc[y_r]) * here_acc[first_rare:].unsqueeze(1))
             _matmul(_scaled(grad_logits, mm_dtype, mm_scale).t(), h_mm, acc_dtype, accumulate=grad_weight,
                     alpha=1 / mm_scale)
+        if need_h and shard is not None:
+            # Every shard's share of d loss / d features: the features are the same on every shard.
+            torch.distributed.all_reduce(grad_features, group=shard.group)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = (features.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll, ul)
@@ -580,7 +646,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_features = grad_features.mul_(grad_loss).to(features_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
-        return (grad_features, grad_weight) + (None,) * 11
+        return (grad_features, grad_weight) + (None,) * 12
 
 
 FLOAT16_GRADIENT_SCALE = 2.0 ** 10  # |d loss / d logits| <= 1 + epsilon: far below 65504 scaled
@@ -650,25 +716,35 @@ def chunked_gated_loss(
     chunk_rows: int = 1024,
     unlikelihood: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     unlikelihood_alpha: float = 0.0,
+    shard: Optional[VocabShard] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed (loss, nll, ul) equal to ``gated_linear`` followed by ``log_probs``,
     ``label_smoothed_nll_loss`` and (optionally) ``unlikelihood_loss`` on the candidate pairs
     ``unlikelihood`` = (rows, tokens), with rows ascending, but without ever holding the
-    whole logits tensor. ``ul`` is the unweighted unlikelihood sum."""
+    whole logits tensor. ``ul`` is the unweighted unlikelihood sum.
+
+    With ``shard`` (vocabulary parallelism), ``weight`` holds this process's rows of the output
+    layer and ``target``/``gates`` are global: each process computes its slice of every chunk's
+    logits, the softmax is combined over ``shard.group`` (all-reduces of the row maxima and of
+    the sums), W's gradient stays this process's slice, and the features' gradient is summed
+    over the group. Every process of the group must pass the same features and targets."""
     if chunk_rows < 1:
         raise ValueError(f"chunk size must be a positive number of rows, got {chunk_rows}")
-    gates = _effective_gates(gates, weight)
+    if shard is not None and unlikelihood is not None:
+        raise ValueError("the vocabulary-parallel loss has no unlikelihood term")
+    gates = _effective_gates(gates, weight, shard)
     if not torch.is_grad_enabled():
         # Parameters still say requires_grad under no_grad: don't compute their gradients.
         features, weight = features.detach(), weight.detach()
     rare, g1, g2 = (gates.rare, gates.g1, gates.g2) if gates is not None else (None, None, None)
     rare_rows_from = None
     if gates is not None and _orders_rare_rows(features.device):
-        features, target, unlikelihood, rare_rows_from = _rare_rows_last(features, target, gates, unlikelihood)
+        features, target, unlikelihood, rare_rows_from = _rare_rows_last(
+            features, target, gates, unlikelihood, ignore_index)
     ul_rows, ul_tokens = unlikelihood if unlikelihood is not None else (None, None)
     return _ChunkedGatedLoss.apply(
         features, weight, target, rare, g1, g2, float(label_smoothing), ignore_index, int(chunk_rows),
-        ul_rows, ul_tokens, float(unlikelihood_alpha), rare_rows_from,
+        ul_rows, ul_tokens, float(unlikelihood_alpha), rare_rows_from, shard,
     )
 
 
@@ -678,12 +754,13 @@ def _orders_rare_rows(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _rare_rows_last(features, target, gates: Gates, pairs):
+def _rare_rows_last(features, target, gates: Gates, pairs, ignore_index: Optional[int] = None):
     """The rows reordered so that those whose target is rare come last (the loss is a sum over
     rows, so their order is free): W's gated gradient then needs no per-entry gate. Returns
     (features, target, unlikelihood pairs remapped with rows ascending, index of the first row
-    with a rare target)."""
-    row_is_rare = gates.rare[target]
+    with a rare target). Rows whose target is ``ignore_index`` count as not rare."""
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    row_is_rare = gates.rare[torch.where(valid, target, torch.zeros_like(target))] & valid
     order = torch.argsort(row_is_rare.to(torch.uint8), stable=True)
     rare_rows_from = target.numel() - int(row_is_rare.sum())
     if pairs is not None:
@@ -744,8 +821,8 @@ def gated_loss(
     if gates is not None:
         # Rows with a rare target last: the backward gates W's gradient with two matmuls over
         # row blocks.
-        features, flat_target, pairs, rare_rows_from = _rare_rows_last(features, flat_target, gates, pairs)
-    lprobs = log_probs(gated_linear(features, weight, flat_target, gates, rare_rows_from))
+        features, flat_target, pairs, rare_rows_from = _rare_rows_last(features, flat_target, gates, pairs, ignore_index)
+    lprobs = log_probs(gated_linear(features, weight, flat_target, gates, rare_rows_from, ignore_index))
     loss, nll = label_smoothed_nll_loss(lprobs, flat_target, label_smoothing, ignore_index)
     if pairs is None:
         return loss, nll, torch.zeros_like(nll)

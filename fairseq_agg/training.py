@@ -38,6 +38,7 @@ exactly (with several processes each rank restores only the counts it saved itse
 autocast's dtype first, as ``nn.Linear`` would be.
 """
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -46,10 +47,10 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from fairseq_agg import core
+from fairseq_agg import core, parallel
 from fairseq_agg.errors import AggConfigError
 
-__all__ = ["AdaptiveGradientGating", "AggUsageWarning", "check_options"]
+__all__ = ["AdaptiveGradientGating", "AggUsageWarning", "GatedOutputLayer", "causal_targets", "check_options"]
 
 _REDUCTIONS = ("mean", "sum")
 # A loop without a torch.optim optimizer cannot be watched: so many loss() calls in one update
@@ -209,6 +210,7 @@ class AdaptiveGradientGating(nn.Module):
         self._loss_calls = 0  # counted loss() calls of the open update
         self._optimizer_steps_seen = 0  # _OptimizerSteps.count at the open update's first loss() call
         self._warned = set()
+        self._targets = None  # (targets, [forward calls]) inside `with agg.targets(...)`
         _OptimizerSteps.watch()
 
     def extra_repr(self) -> str:
@@ -266,9 +268,10 @@ class AdaptiveGradientGating(nn.Module):
         self.counter.discard_pending()
         self._loss_calls = 0
 
-    def _count_loss_call(self, targets: torch.Tensor) -> None:
+    def _count_loss_call(self, targets: torch.Tensor, counts_labels: bool = True) -> None:
         """Counts one training loss() call into the open update, warning once where the previous
-        update was never closed by step()."""
+        update was never closed by step(). ``counts_labels`` False: the call is recorded but its
+        labels are another process's to count (the same labels on every vocabulary shard)."""
         if self._loss_calls == 0:
             self._optimizer_steps_seen = _OptimizerSteps.count
         elif _OptimizerSteps.count != self._optimizer_steps_seen:
@@ -285,7 +288,8 @@ class AdaptiveGradientGating(nn.Module):
                 f"gates never move until it is called; call agg.step() right after every optimizer step",
             )
         self._loss_calls += 1
-        self.counter.add(targets)
+        if counts_labels:
+            self.counter.add(targets)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -294,7 +298,8 @@ class AdaptiveGradientGating(nn.Module):
 
     # -- the loss ---------------------------------------------------------------------
     def loss(
-        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+        vocab_parallel: bool = False,
     ) -> torch.Tensor:
         """(Label-smoothed) cross-entropy of ``hidden @ weight.T`` against ``labels``.
 
@@ -303,10 +308,37 @@ class AdaptiveGradientGating(nn.Module):
         ``labels[:, 1:]``). ``reduction="mean"`` averages over the non-ignored labels (0 when there
         are none), ``"sum"`` sums. The gradient of ``weight`` through this projection is gated
         by AGG; everything else is plain cross-entropy.
+
+        ``vocab_parallel=True``: ``weight`` is a DTensor sharded over the vocabulary
+        (``Shard(0)``, as ``ColwiseParallel`` makes it) and ``hidden``/``labels`` are the same on
+        every process of its mesh (plain tensors or ``Replicate`` DTensors). Each process computes
+        the logits of its vocabulary slice only, chunk by chunk; the softmax is combined over the
+        mesh, W's gradient stays on its shard, the gradient of ``hidden`` is summed over the mesh,
+        and the loss (a plain tensor) is the same on every process. Only the first process of the
+        mesh counts the labels, so ``step()`` needs nothing more. Neither W nor the full logits
+        are ever gathered.
         """
         if reduction not in _REDUCTIONS:
             raise AggConfigError(f"AGG loss reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
-        if weight.dim() != 2 or weight.size(0) != self.vocab_size:
+        shard, counts_labels = None, True
+        if parallel.is_dtensor(weight):
+            if not vocab_parallel:
+                raise AggConfigError(parallel.DTENSOR_WEIGHT_REFUSAL.format(placements=tuple(weight.placements)))
+            if weight.dim() != 2 or weight.size(0) != self.vocab_size:
+                raise AggConfigError(
+                    f"AGG output embedding must have shape (vocab_size={self.vocab_size}, d), got {tuple(weight.shape)}"
+                )
+            weight, shard, counts_labels = parallel.vocab_shard(weight)
+            hidden = parallel.replicated_local(hidden, "hidden states")
+            labels = parallel.replicated_local(labels, "labels")
+        elif vocab_parallel:
+            raise AggConfigError(
+                "vocab_parallel=True needs the output weight as a DTensor sharded over the vocabulary "
+                "(Shard(0), e.g. from ColwiseParallel), got a plain tensor; leave vocab_parallel out for a "
+                "weight that every process holds whole"
+            )
+        vocab_rows = shard.vocab_size if shard is not None else weight.size(0)
+        if weight.dim() != 2 or vocab_rows != self.vocab_size:
             raise AggConfigError(
                 f"AGG output embedding must have shape (vocab_size={self.vocab_size}, d), got {tuple(weight.shape)}"
             )
@@ -319,8 +351,7 @@ class AdaptiveGradientGating(nn.Module):
                 f"AGG labels of shape {tuple(labels.shape)} do not align with hidden states of shape "
                 f"{tuple(hidden.shape)} (labels must have the shape hidden.shape[:-1]; shift them for a causal LM)"
             )
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise AggConfigError(f"AGG labels must be integer token ids, got {labels.dtype}")
+        self._check_label_dtype(labels)
         hidden, weight = _autocast_operands(hidden, weight)
         if hidden.dtype != weight.dtype:
             raise AggConfigError(
@@ -333,6 +364,42 @@ class AdaptiveGradientGating(nn.Module):
         # Ignored positions are dropped: they add nothing to the loss or to any gradient.
         keep = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         targets = flat_labels.index_select(0, keep)
+        self._check_label_range(targets)
+        features = flat_hidden.index_select(0, keep)
+        grad = torch.is_grad_enabled()
+        if grad and self.training:
+            self._count_loss_call(targets, counts_labels)
+        gates = self.gates() if grad else None
+        # F.cross_entropy's epsilon spreads eps/V over every class; core's (fairseq's) eps'/(V-1)
+        # over the non-targets: the same loss for eps' = eps (V-1)/V.
+        epsilon = self.label_smoothing * (self.vocab_size - 1) / self.vocab_size
+        with torch.autocast(features.device.type, enabled=False):
+            if shard is None:
+                total, _, _ = core.gated_loss(
+                    features, weight, targets.view(1, -1), gates,
+                    ignore_index=None, label_smoothing=epsilon, chunk_rows=self.chunk_size,
+                )
+            else:
+                rows = max(1, targets.numel())
+                chunk = self.chunk_size if self.chunk_size is not None else core.auto_chunk_rows(
+                    rows, weight.size(0), weight.size(1))
+                total, _, _ = core.chunked_gated_loss(
+                    features, weight, targets, gates, ignore_index=None, label_smoothing=epsilon,
+                    chunk_rows=chunk or rows, shard=shard,
+                )
+        if reduction == "sum":
+            return total
+        return total / max(int(targets.numel()), 1)
+
+    forward = loss
+
+    def _check_label_dtype(self, labels: torch.Tensor) -> None:
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise AggConfigError(f"AGG labels must be integer token ids, got {labels.dtype}")
+
+    def _check_label_range(self, targets: torch.Tensor) -> None:
+        """Targets (ignored labels removed) outside the vocabulary, refused where reading them
+        costs no device sync (on the CPU)."""
         if targets.device.type == "cpu" and targets.numel() > 0:
             low, high = int(targets.min()), int(targets.max())
             if low < 0 or high >= self.vocab_size:
@@ -341,40 +408,88 @@ class AdaptiveGradientGating(nn.Module):
                     f"AGG label {bad} lies outside the vocabulary [0, {self.vocab_size}) and is not "
                     f"ignore_index={self.ignore_index}"
                 )
-        features = flat_hidden.index_select(0, keep)
-        grad = torch.is_grad_enabled()
-        if grad and self.training:
-            self._count_loss_call(targets)
-        gates = self.gates() if grad else None
-        # F.cross_entropy's epsilon spreads eps/V over every class; core's (fairseq's) eps'/(V-1)
-        # over the non-targets: the same loss for eps' = eps (V-1)/V.
-        epsilon = self.label_smoothing * (self.vocab_size - 1) / self.vocab_size
-        with torch.autocast(features.device.type, enabled=False):
-            total, _, _ = core.gated_loss(
-                features, weight, targets.view(1, -1), gates,
-                ignore_index=None, label_smoothing=epsilon, chunk_rows=self.chunk_size,
-            )
-        if reduction == "sum":
-            return total
-        return total / max(int(targets.numel()), 1)
 
-    forward = loss
+    # -- the gated output layer ------------------------------------------------------------
+    @contextlib.contextmanager
+    def targets(self, targets: torch.Tensor):
+        """The targets of the rows that :class:`GatedOutputLayer` projects inside this block:
+        ``targets`` has the shape of the layer's input without its last dimension, one target
+        per row of logits (``ignore_index`` for rows without one). For a causal LM whose labels
+        are the input ids, :func:`causal_targets` shifts them."""
+        self._check_label_dtype(targets)
+        previous, self._targets = self._targets, (targets, [0])
+        try:
+            yield
+        finally:
+            self._targets = previous
+
+    def gated_output_layer(self, head: nn.Linear) -> "GatedOutputLayer":
+        """A :class:`GatedOutputLayer` sharing ``head``'s weight (a tied embedding stays tied):
+        put it where ``head`` was, e.g. ``model.set_output_embeddings(agg.gated_output_layer(head))``."""
+        return GatedOutputLayer.replacing(head, self)
+
+    def _gated_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The output layer's forward in training: the logits, with W's gradient gated for the
+        targets of :meth:`targets`."""
+        if self._targets is None:
+            raise AggConfigError(
+                "GatedOutputLayer ran a training forward without its targets: wrap the model's forward in "
+                "`with agg.targets(targets):` (targets: one per row of logits, e.g. causal_targets(labels))"
+            )
+        targets, calls = self._targets
+        if calls[0]:
+            raise AggConfigError(
+                "GatedOutputLayer ran twice inside one `with agg.targets(...)` block; give each forward its own block"
+            )
+        calls[0] += 1
+        if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+            raise AggConfigError(
+                f"AGG targets of shape {tuple(targets.shape)} do not align with the output layer's input of "
+                f"shape {tuple(hidden.shape)} (one target per row of logits: the input's shape without its last "
+                f"dimension; causal_targets(labels) shifts a causal LM's labels)"
+            )
+        if weight.size(0) != self.vocab_size:
+            raise AggConfigError(
+                f"the output layer has {weight.size(0)} rows but AGG counts a vocabulary of {self.vocab_size}: "
+                f"the layer was resized after AdaptiveGradientGating was built; build it with the new size"
+            )
+        shard, counts_labels, wrap = None, True, None
+        if parallel.is_dtensor(weight):
+            local_weight, shard, counts_labels = parallel.vocab_shard(weight)
+            hidden, wrap = parallel.sharded_logits_io(hidden, weight)
+            weight = local_weight
+        targets = parallel.replicated_local(targets, "targets").to(hidden.device)
+        flat_targets = targets.reshape(-1).long()
+        self._check_label_range(flat_targets[flat_targets != self.ignore_index])
+        self._count_loss_call(flat_targets[flat_targets != self.ignore_index], counts_labels)
+        hidden, weight = _autocast_operands(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = core.gated_linear(
+                hidden.reshape(-1, hidden.size(-1)), weight, flat_targets, self.gates(),
+                ignore_index=self.ignore_index, shard=shard,
+            ).view(*hidden.shape[:-1], weight.size(0))
+        return wrap(logits) if wrap is not None else logits
 
     # -- checkpointing ------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        """The counter, and the open update's counts with the rank that counted them."""
+        """The counter, and the open update's counts with the rank that counted them. The
+        variable-length id and count lists are stored as byte arrays, so that
+        ``torch.distributed.checkpoint`` (which loads tensors in place, into tensors of the
+        sizes it is given) restores them whatever their length."""
         pending_ids = self.counter.pending.nonzero().squeeze(1)
-        return {
+        state = {
             **self.counter.state_dict(),
             "pending_ids": pending_ids.cpu(),
             "pending_counts": self.counter.pending[pending_ids].cpu(),
             "pending_loss_calls": self._loss_calls,
             "pending_rank": _process_rank(),
         }
+        return {key: _int64_bytes(value) if key in _LIST_KEYS else value for key, value in state.items()}
 
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "vocab_size" not in state:
             raise AggConfigError("AGG state is not a token-counter state (expected the dict agg.state_dict() returns)")
+        state = {key: _int64_tensor(value) if key in _LIST_KEYS else value for key, value in state.items()}
         if int(state["vocab_size"]) != self.vocab_size:
             raise AggConfigError(
                 f"AGG counter state covers a vocabulary of {int(state['vocab_size'])} tokens but this "
@@ -396,3 +511,75 @@ class AdaptiveGradientGating(nn.Module):
         if isinstance(state_dict, dict) and "vocab_size" in state_dict:
             state_dict = OrderedDict(_extra_state=state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+_LIST_KEYS = ("slot_lengths", "slot_ids", "slot_counts", "pending_ids", "pending_counts")
+
+
+def _int64_bytes(tensor: torch.Tensor) -> bytearray:
+    # bytearray, not bytes: torch's weights-only unpickler refuses an empty bytes object.
+    return bytearray(tensor.to(torch.int64).cpu().numpy().tobytes())
+
+
+def _int64_tensor(value) -> torch.Tensor:
+    """A list saved by :func:`_int64_bytes` (or, by earlier versions, as a tensor)."""
+    if isinstance(value, (bytes, bytearray)):
+        return torch.frombuffer(bytearray(value), dtype=torch.int64) if value else torch.zeros(0, dtype=torch.int64)
+    return value
+
+
+class GatedOutputLayer(nn.Linear):
+    """A drop-in replacement for a model's bias-free output layer (``lm_head``, tied or untied)
+    whose forward returns the ordinary logits ``hidden @ W^T`` and whose backward gates only
+    W's gradient through them (paper eq. 23) for the targets given by ``agg.targets(...)``. The
+    model computes its own loss from the logits (router auxiliary losses, logit multipliers,
+    soft-capping, z-loss): AGG gates exactly the part of W's gradient that flows through the
+    logits, and for plain cross-entropy the result equals :meth:`AdaptiveGradientGating.loss`.
+
+    ::
+
+        model.lm_head = agg.gated_output_layer(model.lm_head)
+        with agg.targets(causal_targets(labels)):      # counts them; gates this forward's backward
+            loss = model(input_ids, labels=labels).loss
+        loss.backward(); optimizer.step(); optimizer.zero_grad(); agg.step()
+
+    In evaluation mode or without gradients it is a plain ``nn.Linear`` (no targets needed). It
+    works under FSDP2 as a unit of its own (FSDP gathers the weight for the call) and with
+    ``ColwiseParallel`` (the weight sharded over the vocabulary; ``use_local_output=False`` and
+    ``loss_parallel()`` compute the loss on the sharded logits): each process gates its slice,
+    and only the first process of the vocabulary mesh counts the targets.
+    """
+
+    def __init__(self, in_features: int, out_features: int, agg: "AdaptiveGradientGating", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        # Not a submodule: the counter belongs to the training loop, not to the model's state.
+        object.__setattr__(self, "agg", agg)
+
+    @classmethod
+    def replacing(cls, head: nn.Linear, agg: "AdaptiveGradientGating") -> "GatedOutputLayer":
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise AggConfigError(
+                f"GatedOutputLayer replaces a bias-free nn.Linear (logits = h W^T), got {type(head).__name__}"
+                + (" with a bias" if isinstance(head, nn.Linear) else "")
+            )
+        if head.out_features != agg.vocab_size:
+            raise AggConfigError(
+                f"the output layer has {head.out_features} rows but AGG counts a vocabulary of {agg.vocab_size}: "
+                f"build AdaptiveGradientGating with vocab_size={head.out_features}"
+            )
+        layer = cls(head.in_features, head.out_features, agg, device="meta")
+        layer.weight = head.weight  # the same Parameter: a tied input embedding stays tied
+        layer.train(head.training)
+        return layer
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.agg.training and torch.is_grad_enabled()):
+            return nn.functional.linear(hidden, self.weight)
+        return self.agg._gated_logits(hidden, self.weight)
+
+
+def causal_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The target of each position's logits for a causal LM whose ``labels`` are aligned with
+    its inputs (Hugging Face's convention): ``labels`` shifted left by one, the last position
+    given ``ignore_index``."""
+    return torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
