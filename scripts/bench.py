@@ -138,7 +138,8 @@ def peak_live_bytes(run, device):
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     if not events:
-        raise RuntimeError("torch's profiler recorded no allocation or free during the step: its peak memory is unknown")
+        raise RuntimeError("torch's profiler recorded no allocation or free during the step: "
+                           "its peak memory is unknown")
     live = peak = 0
     for event in events:
         live += event.nbytes()
