@@ -14,7 +14,11 @@ setup(
         # installs the same `fairseq` module there.
         'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
         'fairseq==0.12.2; python_version < "3.11"',
-        "torch>=2.0",
+        # The releases scripts/check-torch-version.sh passed on: 2.6 (the first with weights-only
+        # torch.load by default, which the checkpoint allow-list is for, and FSDP2's public
+        # fully_shard) to 2.15. With torch < 2.11, install the same torchaudio release first:
+        # fairseq's unpinned torchaudio otherwise resolves to one that upgrades torch.
+        "torch>=2.6,<2.16",
         "numpy",
         # evaluation suite and data preparation
         "scipy",
