@@ -12,11 +12,22 @@ untouched. What they fix (README, "Long runs: precision, interruptions, resumes"
   checkpoint holds are allow-listed (``torch.serialization.add_safe_globals``).
 * ``checkpoint_last.pt`` is written atomically: fairseq copies the first checkpoint file of an
   update onto the others with a plain ``shutil.copyfile``; the copy now goes to a temporary file
-  that is renamed into place. A resume that still finds ``checkpoint_last.pt`` unreadable (empty
-  or truncated, written by a run without the plug-in) resumes from the newest intact checkpoint
-  of the save directory and says so.
+  that is renamed into place.
+* Every checkpoint is sealed with a checksum that resumes verify (:mod:`fairseq_agg.checkpoints`).
+  A resume that finds ``checkpoint_last.pt`` damaged (empty, truncated, or failing its checksum)
+  resumes from the intact checkpoint of the save directory that has trained the most updates,
+  and says so.
+* Resumes that cannot go well are refused in one line before anything is written: an explicit
+  ``--restore-file`` that does not exist (under the plug-in's tasks; fairseq would start afresh
+  and overwrite the save directory), a ``--max-update`` the checkpoint has already reached
+  (fairseq would train one more update and rewrite it), another ``--criterion`` than the
+  checkpoint's without ``--reset-optimizer`` (fairseq's assertion).
+* ``--ddp-backend pytorch_ddp`` (fairseq's default) works on CPU: torch's DDP takes device ids
+  for GPU modules only, and fairseq always passed one.
 * The AGG token counter travels in the checkpoint's ``extra_state`` (key ``agg``), which stock
-  fairseq tools ignore, and is restored on every rank when training resumes.
+  fairseq tools ignore, and is restored on every rank when training resumes; fine-tuning
+  (``--finetune-from-model``, ``--reset-optimizer``, ``--reset-dataloader``) starts a fresh one
+  unless ``--agg-keep-counter`` is given.
 * Start-up refusals (:class:`fairseq_agg.errors.AggConfigError`) and precisions this machine
   cannot run print one line and exit with status 2 instead of a traceback.
 """
@@ -25,14 +36,15 @@ import argparse
 import collections
 import logging
 import os
+import shlex
 import sys
 import typing
-import zipfile
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from fairseq_agg.checkpoints import checkpoint_to_resume, seal, training_progress
 from fairseq_agg.errors import AggConfigError
 
 logger = logging.getLogger(__name__)
@@ -96,54 +108,37 @@ def _atomic_local_copy(copy):
     return staticmethod(atomic_copy)
 
 
-def is_intact_checkpoint(path) -> bool:
-    """Whether ``path`` is a complete ``torch.save`` archive; reads only its directory.
+# -- sealed checkpoints -----------------------------------------------------------------------------
+def _sealed_save(save):
+    def torch_persistent_save(obj, filename, async_write: bool = False):
+        from fairseq.file_io import PathManager
 
-    A copy interrupted part-way is empty or ends before the zip directory that ``torch.save``
-    writes last. Files in torch's legacy (non-zip) format are taken as intact.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    if head != b"PK\x03\x04":
-        return len(head) == 4
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return len(archive.namelist()) > 0
-    except (zipfile.BadZipFile, OSError):
-        return False
+        if async_write or not isinstance(filename, str) or PathManager.path_requires_pathmanager(filename):
+            return save(obj, filename, async_write)
+        # Sealed before it takes its name, so that no crash leaves a file and a seal that disagree.
+        unsealed = f"{filename}.unsealed{os.getpid()}"
+        try:
+            save(obj, unsealed)
+            seal(unsealed)
+            os.replace(unsealed, filename)
+        finally:
+            if os.path.exists(unsealed):
+                os.remove(unsealed)
 
-
-def newest_intact_checkpoint(save_dir, exclude: Path) -> Optional[Path]:
-    candidates: List[Path] = [p for p in Path(save_dir).glob("checkpoint*.pt") if p != exclude]
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        if is_intact_checkpoint(path):
-            return path
-    return None
+    torch_persistent_save.__wrapped__ = save
+    return torch_persistent_save
 
 
-def checkpoint_to_resume(filename: str) -> str:
-    """``filename``, or when it is an unreadable ``checkpoint_last.pt`` the newest intact
-    checkpoint beside it; any other unreadable checkpoint is refused in one line."""
-    path = Path(filename)
-    if not path.is_file() or is_intact_checkpoint(path):
-        return filename
-    state = "empty" if path.stat().st_size == 0 else "truncated"
-    fallback = newest_intact_checkpoint(path.parent, exclude=path)
-    if path.name != "checkpoint_last.pt" or fallback is None:
-        hint = f"the newest intact checkpoint there is {fallback}" if fallback else "no other checkpoint there is intact"
-        raise AggConfigError(
-            f"{path} is {state} (a copy interrupted while it was written) and cannot be loaded; "
-            f"{hint}: pass --restore-file with an intact one, or remove {path.name} to start afresh"
-        )
-    logger.warning(
-        f"{path} is {state} (interrupted while it was being written); resuming from {fallback}, "
-        f"the newest intact checkpoint of {path.parent}"
-    )
-    return str(fallback)
+# -- data parallel on CPU -------------------------------------------------------------------------
+def _cpu_modules_without_device_ids(distributed_data_parallel):
+    def build(module, device_ids=None, output_device=None, **kwargs):
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            # torch's DDP takes device ids for GPU modules only; fairseq passes --device-id always.
+            device_ids = output_device = None
+        return distributed_data_parallel(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    build.__wrapped__ = distributed_data_parallel
+    return build
 
 
 # -- the AGG state in the trainer's checkpoints ---------------------------------------------------
@@ -180,6 +175,8 @@ def _with_agg_state(state_dict):
 def _restoring_agg_state(load_checkpoint):
     def trainer_load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
         filename = checkpoint_to_resume(filename)
+        if not reset_optimizer and os.path.isfile(filename):
+            check_resumable(filename, self.cfg, type(self.get_criterion()).__name__)
         try:
             extra_state = load_checkpoint(self, filename, reset_optimizer, *args, **kwargs)
         except Exception as error:
@@ -195,9 +192,10 @@ def _restoring_agg_state(load_checkpoint):
                 f"the checkpoint's: resume with the same ones, or train into a new --save-dir"
             ) from error
         restore = getattr(self.task, "restore_agg_checkpoint_state", None)
-        if restore is not None:
-            agg_state = (extra_state or {}).get(CHECKPOINT_KEY)
-            restore(agg_state, self.get_criterion())
+        if restore is not None and extra_state is not None:
+            agg_state = extra_state.get(CHECKPOINT_KEY)
+            restore(agg_state, self.get_criterion(), fine_tuning=fine_tuning_option(self.cfg.checkpoint, reset_optimizer),
+                    next_update=self.get_num_updates() + 1)
             if agg_state and "fp32_master_params" in agg_state and not reset_optimizer:
                 _restore_fp32_master_params(self._optimizer, agg_state["fp32_master_params"])
         return extra_state
@@ -214,6 +212,70 @@ def _restore_fp32_master_params(optimizer, saved: List[torch.Tensor]) -> None:
         return
     for target, value in zip(current, saved):
         target.copy_(value.to(target.device))
+
+
+# -- resumes that cannot go well ---------------------------------------------------------------------
+def fine_tuning_option(checkpoint_cfg, reset_optimizer: bool) -> Optional[str]:
+    """The option that makes loading a checkpoint a fresh start from its weights, if any
+    (``--finetune-from-model`` reaches the trainer as a reset optimizer)."""
+    if reset_optimizer:
+        return "--reset-optimizer" if checkpoint_cfg.reset_optimizer else "--finetune-from-model"
+    if checkpoint_cfg.reset_dataloader:
+        return "--reset-dataloader"
+    return None
+
+
+def check_resumable(filename: str, cfg, criterion_class: str) -> None:
+    """Refuse, before fairseq loads ``filename`` to resume its training, what fairseq would
+    refuse with an assertion (another criterion) or get wrong (train past --max-update)."""
+    progress = training_progress(filename)
+    if progress is None or not progress.has_optimizer_state:
+        return  # fairseq resumes neither its optimizer nor its update count
+    if progress.criterion_class and progress.criterion_class != criterion_class:
+        old = progress.criterion or progress.criterion_class
+        raise AggConfigError(
+            f"{filename} was trained with --criterion {old} and this run has --criterion {cfg.criterion._name}: "
+            f"its optimizer state cannot resume under another criterion; pass --reset-optimizer to "
+            f"continue from its weights with a fresh optimizer, or resume with --criterion {old}"
+        )
+    max_update = cfg.optimization.max_update
+    if 0 < max_update <= progress.num_updates:
+        raise AggConfigError(
+            f"{filename} has trained {progress.num_updates} updates, and --max-update is {max_update}: there "
+            f"is nothing left to train; raise --max-update above {progress.num_updates} to go on, or pass "
+            f"--reset-optimizer to train {max_update} updates from its weights"
+        )
+
+
+def _is_agg_task(task_name) -> bool:
+    from fairseq.tasks import TASK_REGISTRY
+
+    from fairseq_agg.tasks.agg_task import AggTaskMixin
+
+    task = TASK_REGISTRY.get(task_name)
+    return isinstance(task, type) and issubclass(task, AggTaskMixin)
+
+
+def check_restore_file(cfg) -> None:
+    """Under the plug-in's tasks, an explicit --restore-file must exist: fairseq would log "No
+    existing checkpoint found", train from scratch and overwrite the save directory."""
+    from fairseq.file_io import PathManager
+
+    checkpoint = cfg.checkpoint
+    given = checkpoint.restore_file
+    if given == "checkpoint_last.pt" or not _is_agg_task(cfg.task._name):
+        return
+    path = given.replace(".pt", checkpoint.checkpoint_suffix + ".pt") if checkpoint.checkpoint_suffix else given
+    if PathManager.path_requires_pathmanager(path) or os.path.isfile(path):
+        return
+    save_dir = Path(checkpoint.save_dir)
+    if not Path(path).is_absolute() and (save_dir / path).is_file():
+        fix = (f"fairseq reads it from the current folder ({os.getcwd()}), not from --save-dir: pass "
+               f"--restore-file {shlex.quote(str((save_dir / path).resolve()))}")
+    else:
+        names = sorted(p.name for p in save_dir.glob("checkpoint*.pt"))
+        fix = f"give an existing checkpoint file ({save_dir} holds {', '.join(names) if names else 'none'})"
+    raise AggConfigError(f"--restore-file {given} does not exist; {fix}")
 
 
 # -- one line instead of a traceback ----------------------------------------------------------------
@@ -260,6 +322,7 @@ def _refusing_in_one_line(call_main):
     def checked_call_main(cfg, main, **kwargs):
         try:
             check_precision(cfg)
+            check_restore_file(cfg)
             return call_main(cfg, _GuardedMain(main), **kwargs)
         except AggConfigError as error:
             refuse(str(error))
@@ -284,13 +347,16 @@ def _patch(owner, name: str, wrap) -> None:
 
 def apply() -> None:
     """Install every fix once (idempotent)."""
-    from fairseq import options, trainer
+    from fairseq import checkpoint_utils, options, trainer
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
+    from fairseq.models import distributed_fairseq_model
 
     allow_checkpoint_classes()
     _patch(options, "parse_args_and_arch", _keep_tpu_explicit)
     _patch(PathManager, "copy", _atomic_local_copy)
+    _patch(checkpoint_utils, "torch_persistent_save", _sealed_save)
+    _patch(distributed_fairseq_model, "DistributedDataParallel", _cpu_modules_without_device_ids)
     _patch(trainer.Trainer, "state_dict", _with_agg_state)
     _patch(trainer.Trainer, "load_checkpoint", _restoring_agg_state)
     _patch(distributed_utils, "call_main", _refusing_in_one_line)

@@ -51,15 +51,32 @@ def runs(request, lm_data, tmp_path_factory):
             task="language_modeling_agg_traced", traced=True, criterion=criterion,
             env={"AGG_TRACE_DIR": str(root)}, name=f"worker {rank}",
         ))
+    # fairseq's default --ddp-backend (pytorch_ddp), once: it must train exactly as legacy_ddp.
+    pytorch_ddp = []
+    if criterion == "agg_cross_entropy":
+        port = free_port()
+        pytorch_ddp = [
+            lm_train(
+                lm_data, root / "pytorch_ddp", *AGG,
+                "--distributed-world-size", 2, "--distributed-rank", rank, "--distributed-no-spawn",
+                "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-backend", "gloo",
+                criterion=criterion, name=f"pytorch_ddp worker {rank}",
+            )
+            for rank in (0, 1)
+        ]
     (root / "single").mkdir()
     single = lm_train(
         lm_data, root / "single" / "ckpt", *AGG, "--update-freq", 2,
         task="language_modeling_agg_traced", traced=True, criterion=criterion,
         env={"AGG_TRACE_DIR": str(root / "single")}, name="update-freq 2",
     )
-    run_all([*workers, single], parallel=3)  # the two workers must run together
+    # The workers of a run must run together: they are started before the single process.
+    run_all([*workers, *pytorch_ddp, single], parallel=2 + len(pytorch_ddp), check=False)
+    for run in (*workers, single):
+        run.wait()  # raises for a failed run; the pytorch_ddp workers are checked by their test
     return {
         "workers": workers,
+        "pytorch_ddp": pytorch_ddp,
         "single": single,
         "traces": [read_trace(root / "trace.rank0.jsonl"), read_trace(root / "trace.rank1.jsonl")],
         "single_trace": read_trace(root / "single" / "trace.rank0.jsonl"),
@@ -127,3 +144,15 @@ def test_final_checkpoints_bit_identical(runs):
     for field, value in counter_a.items():
         other = counter_b[field]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, field
+
+
+@pytest.mark.parametrize("runs", ["agg_cross_entropy"], indirect=True)
+def test_default_ddp_backend_trains_on_cpu_exactly_as_legacy_ddp(runs):
+    legacy, default = runs["workers"][0], runs["pytorch_ddp"][0]
+    assert default.returncode == 0, default.log[-3000:]
+    assert "'ddp_backend': 'pytorch_ddp'" in default.log
+    assert [r["loss"] for r in default.records["train_inner"]] == [r["loss"] for r in legacy.records["train_inner"]]
+    a, b = legacy.checkpoint()["model"], default.checkpoint()["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

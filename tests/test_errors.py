@@ -62,6 +62,8 @@ def test_criterion_on_a_task_that_cannot_feed_it(lm_data):
 REFUSALS = {
     "wrong task": ({"task": "language_modeling"}, [], "needs a task that feeds its token counter: use --task language_modeling_agg"),
     "alpha": ({}, ["--agg-alpha", "1.5"], "--agg-alpha must lie in (0, 1], got 1.5"),
+    "study rare fraction": ({}, ["--agg-study", "freeze", "--agg-study-rare-fraction", "1.5"],
+                            "--agg-study-rare-fraction must lie in (0, 1)"),
     "amp": ({}, ["--amp"], "do not support --amp"),
     "fp16 on CPU": ({}, ["--fp16"], "--fp16 needs a CUDA GPU and --cpu was given"),
     "coupled adam": ({}, ["--optimizer", "coupled_adam", "--coupled-adam-embeddings", "nonsense"], "--coupled-adam-embeddings"),

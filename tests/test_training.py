@@ -8,10 +8,12 @@ the checkpoint so that a resumed run is bit-identical to an uninterrupted one, l
 
 import math
 import re
+import shutil
 
 import pytest
 import torch
 
+from fairseq_agg.checkpoints import seal_matches
 from fairseq_agg.fairseq_fixes import saved_counter_state
 
 from conftest import (
@@ -176,6 +178,30 @@ def test_lm_checkpoint_loads_with_user_dir(lm_runs):
         assert torch.equal(param, saved["model"][name]), name
     # Loading for evaluation leaves the task's counter alone: only a training resume restores it.
     assert task.agg_counter.num_updates == 0 and saved_counter_state(saved)["num_updates"] == 2 * N
+
+
+def test_every_checkpoint_file_carries_a_checksum_that_matches(lm_runs):
+    """fairseq's copies (checkpoint_last.pt, checkpoint_best.pt) included; stock fairseq-eval-lm
+    reads them (test_stock_eval_lm_scores_an_agg_checkpoint_without_the_plugin)."""
+    save_dir = lm_runs["full"].save_dir
+    names = sorted(p.name for p in save_dir.iterdir())
+    assert {"checkpoint_best.pt", "checkpoint_last.pt", f"checkpoint_1_{N}.pt"} <= set(names)
+    assert all(name.startswith("checkpoint") and name.endswith(".pt") for name in names), names  # no temporary files
+    for name in names:
+        assert seal_matches(save_dir / name) is True, name
+
+
+@pytest.mark.parametrize("source, criterion", [("plain", "agg_cross_entropy"), ("resumed", "cross_entropy")])
+def test_resume_under_another_criterion_is_one_line_naming_reset_optimizer(lm_runs, lm_data, tmp_path, source, criterion):
+    save_dir = shutil.copytree(lm_runs[source].save_dir, tmp_path / "copy")
+    run = lm_train(lm_data, save_dir, "--max-update", 100, criterion=criterion, name=f"{source} as {criterion}")
+    run.wait(check=False)
+    assert run.returncode == 2 and "Traceback" not in run.log, run.log[-3000:]
+    errors = [line for line in run.log.splitlines() if ": error: " in line]
+    trained = "cross_entropy" if source == "plain" else "agg_cross_entropy"
+    assert len(errors) == 1, run.log[-3000:]
+    assert f"was trained with --criterion {trained} and this run has --criterion {criterion}" in errors[0]
+    assert "pass --reset-optimizer" in errors[0]
 
 
 def test_eval_lm_runs_on_agg_checkpoint(lm_runs):

@@ -122,6 +122,11 @@ class AggCriterionBase(FairseqCriterion):
         study = str(cfg.agg_study)
         if study not in STUDY_MODES:
             raise AggConfigError(f"unknown --agg-study mode {study!r}; choose one of {', '.join(STUDY_MODES)}")
+        if not 0.0 < cfg.agg_study_rare_fraction < 1.0:
+            raise AggConfigError(
+                f"--agg-study-rare-fraction must lie in (0, 1) (the share of non-special tokens in the "
+                f"static rare group of --agg-study), got {cfg.agg_study_rare_fraction}"
+            )
         self.cfg = cfg
         self.sentence_avg = cfg.sentence_avg
         self.eps = cfg.label_smoothing

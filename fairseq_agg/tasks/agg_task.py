@@ -45,6 +45,7 @@ class AggTaskMixin:
         dictionary = self.target_dictionary
         self.agg_counter = TokenCounter(len(dictionary), dictionary.nspecial)
         self._agg_window_from_option = False
+        self._agg_options_to_compare = None  # set on resume, logged once the window is known
         self._agg_frozen_rows = None
         self._valid_isotropy = not getattr(self.agg_options, "no_valid_isotropy", False)
         self._isotropy_due = self._valid_isotropy
@@ -84,6 +85,7 @@ class AggTaskMixin:
             window = max(1, math.ceil(len(itr) / update_freq))
             self.agg_counter.set_window(window)
             logger.info(f"AGG token counter window K = {window} updates (one epoch)")
+            self._log_changed_options()
         return itr
 
     def _batches_of_an_uninterrupted_run(self, dataset, args, kwargs, epoch):
@@ -110,27 +112,57 @@ class AggTaskMixin:
         options = criterion.agg_options() if hasattr(criterion, "agg_options") else None
         return {"counter": self.agg_counter.state_dict(), "options": options}
 
-    def restore_agg_checkpoint_state(self, state: Optional[dict], criterion) -> None:
-        """Called on every worker when training resumes from a checkpoint."""
+    def restore_agg_checkpoint_state(self, state: Optional[dict], criterion, fine_tuning: Optional[str] = None,
+                                     next_update: Optional[int] = None) -> None:
+        """Called on every worker when training starts from a checkpoint. ``fine_tuning``: the
+        option that restarts the training (a fresh counter, unless --agg-keep-counter);
+        ``next_update``: the trainer's first update from here."""
         counter_state = state.get("counter") if state else self.__dict__.pop("_agg_legacy_counter", None)
         if counter_state is None:
             return
-        self.agg_counter.load_state_dict(counter_state)  # refuses a counter of another dictionary
+        next_update = next_update or int(counter_state["num_updates"]) + 1
+        keep = getattr(self.agg_options, "agg_keep_counter", False)
+        if fine_tuning and not keep:
+            logger.info(
+                f"{fine_tuning} starts the training afresh: so does the AGG token counter, at update {next_update} "
+                f"(--agg-keep-counter would continue the checkpoint's, {int(counter_state['num_updates'])} updates)"
+            )
+        else:
+            if fine_tuning:
+                logger.info(
+                    f"--agg-keep-counter: the AGG token counter continues the checkpoint's "
+                    f"({int(counter_state['num_updates'])} updates) although {fine_tuning} starts the training afresh"
+                )
+            # Every AGG option takes this run's value, defaults included: the window (until the
+            # training iterator sets the default, one epoch) and --agg-static-after too.
+            self.agg_counter.load_state_dict(  # refuses a counter of another dictionary
+                {**counter_state, "window": self.agg_counter.window, "freeze_after": self.agg_counter.freeze_after}
+            )
         if hasattr(criterion, "agg_options"):
-            self._log_changed_options((state or {}).get("options"), counter_state, criterion.agg_options())
+            self._agg_options_to_compare = ((state or {}).get("options"), counter_state.get("window"),
+                                            criterion.agg_options(), next_update)
+            self._log_changed_options()
 
-    def _log_changed_options(self, saved: Optional[dict], counter_state: dict, now: dict) -> None:
+    def _log_changed_options(self) -> None:
+        """Once the window is known (the default one, from the training iterator), each AGG option
+        whose value differs from the checkpoint's, as ``--name old -> new``."""
+        if self._agg_options_to_compare is None or self.agg_counter.window is None:
+            return
+        saved, saved_window, now, next_update = self._agg_options_to_compare
+        self._agg_options_to_compare = None
         changes = []
         if saved is not None:
             for name, value in now.items():
                 if name != "agg_window" and name in saved and saved[name] != value:
                     changes.append(f"--{name.replace('_', '-')} {saved[name]} -> {value}")
-        if now.get("agg_window") is not None and counter_state.get("window") != now["agg_window"]:
-            changes.append(f"--agg-window {counter_state.get('window')} -> {now['agg_window']}")
+        window = self.agg_counter.window
+        if saved_window != window:
+            default = "" if self._agg_window_from_option else " (one epoch, the default)"
+            changes.append(f"--agg-window {saved_window} -> {window}{default}")
         if changes:
             logger.warning(
                 "AGG options differ from the checkpoint's: " + "; ".join(changes)
-                + f" (the new values apply from update {int(counter_state['num_updates']) + 1} on)"
+                + f" (the new values apply from update {next_update} on)"
             )
 
     # -- the update clock -------------------------------------------------------------

@@ -18,6 +18,11 @@ class LanguageModelingAggConfig(LanguageModelingConfig):
     no_valid_isotropy: bool = field(
         default=False, metadata={"help": "do not log I(W) of the output embedding at each validation"}
     )
+    agg_keep_counter: bool = field(
+        default=False,
+        metadata={"help": "fine-tuning (--finetune-from-model, --reset-optimizer, --reset-dataloader): continue "
+                          "the checkpoint's AGG token counter instead of starting a fresh one"},
+    )
 
 
 @register_task("language_modeling_agg", dataclass=LanguageModelingAggConfig)

@@ -17,6 +17,11 @@ class TranslationAggConfig(TranslationConfig):
     no_valid_isotropy: bool = field(
         default=False, metadata={"help": "do not log I(W) of the output embedding at each validation"}
     )
+    agg_keep_counter: bool = field(
+        default=False,
+        metadata={"help": "fine-tuning (--finetune-from-model, --reset-optimizer, --reset-dataloader): continue "
+                          "the checkpoint's AGG token counter instead of starting a fresh one"},
+    )
 
 
 @register_task("translation_agg", dataclass=TranslationAggConfig)
