@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fairseq_agg import metrics
+from fairseq_agg.checkpoints import checksum_mismatch
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # fairseq_agg, the --user-dir
@@ -314,6 +315,9 @@ def peek_checkpoint(path: Path) -> Dict:
     if path.is_dir():
         raise EvalError(f"--path {path} is a folder; give a checkpoint file in it (e.g. {path / 'checkpoint_best.pt'})")
     _check_readable_file(path, "checkpoint", "give the .pt file fairseq-train saved")
+    mismatch = checksum_mismatch(path)
+    if mismatch:
+        raise EvalError(mismatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
