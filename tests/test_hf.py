@@ -110,16 +110,19 @@ def same_counter(a, b):
 
 
 # -- 1. gradients ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("tied, eps, chunk", [
-    (True, 0.0, 0), (True, 0.1, 0), (False, 0.0, 0), (False, 0.1, 0), (False, 0.1, 5),
-], ids=["tied-ce", "tied-ls0.1", "untied-ce", "untied-ls0.1", "untied-ls0.1-chunked"])
-def test_gradients_equal_three_logit_formulation(tmp_path, tied, eps, chunk):
+@pytest.mark.parametrize("tied, eps, chunk, layer", [
+    (True, 0.0, 0, "auto"), (True, 0.1, 0, "auto"), (False, 0.0, 0, "auto"), (False, 0.1, 0, "auto"),
+    (False, 0.1, 5, "auto"), (True, 0.0, 0, "gated"), (False, 0.1, 0, "gated"),
+], ids=["tied-ce", "tied-ls0.1", "untied-ce", "untied-ls0.1", "untied-ls0.1-chunked", "tied-ce-gated-layer",
+        "untied-ls0.1-gated-layer"])
+def test_gradients_equal_three_logit_formulation(tmp_path, tied, eps, chunk, layer):
     recorder = GradRecorder()
     trainer = Recording(
         model=tiny_gpt2(tied), args=training_args(tmp_path, label_smoothing_factor=eps), train_dataset=dataset(),
-        callbacks=[recorder], agg_alpha=ALPHA, agg_window=WINDOW, agg_chunk_size=chunk,
+        callbacks=[recorder], agg_alpha=ALPHA, agg_window=WINDOW, agg_chunk_size=chunk, agg_output_layer=layer,
     )
     trainer.train()
+    assert trainer.agg_output_layer == ("fused" if layer == "auto" else layer)
     assert len(recorder.updates) == 6 and len(trainer.micro_batches) == 6
 
     history, gated_somewhere = [], False
@@ -133,7 +136,12 @@ def test_gradients_equal_three_logit_formulation(tmp_path, tied, eps, chunk):
             h = oracle.transformer(input_ids=b["input_ids"]).last_hidden_state[:, :-1].reshape(-1, 16)
             y = b["labels"][:, 1:].reshape(-1)
             (three_logit_loss(h, oracle.lm_head.weight, y, rare, g1, g2, eps) / n).backward()
-        assert_grads_match(grads, named_grads(oracle), f"update {u + 1}")
+        if layer == "gated":
+            # The model's own loss: transformers computes a causal LM's loss on logits.float(),
+            # so float64 logits are rounded to float32 on the way.
+            assert_grads_match(grads, named_grads(oracle), f"update {u + 1}", rtol=1e-5, atol=1e-7)
+        else:
+            assert_grads_match(grads, named_grads(oracle), f"update {u + 1}")
         if 0 < int(rare.sum()) < V:
             plain = tiny_gpt2(tied)
             plain.load_state_dict(params)
@@ -338,15 +346,64 @@ def _tiny_falcon_h1():
                                               mamba_d_conv=2, mamba_chunk_size=16))
 
 
+def _own_loss_reference(model, example, rare, g1, g2):
+    """The model's own loss with its logits' part replaced by the paper's three-logit formulation:
+    a Mixtral's cross-entropy plus its router loss, a Falcon-H1's cross-entropy of logits scaled
+    after the head. What the gated output layer must train with."""
+    labels = example["labels"]
+    y = labels[:, 1:].reshape(-1)
+    n = int((y != IGNORE).sum())
+    if type(model).__name__ == "MixtralForCausalLM":
+        out = model.model(input_ids=example["input_ids"], output_router_logits=True)
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        aux = load_balancing_loss_func(out.router_logits, model.num_experts, model.num_experts_per_tok)
+        h = out.last_hidden_state[:, :-1].reshape(-1, 16)
+        return three_logit_loss(h, model.lm_head.weight, y, rare, g1, g2) / n + model.router_aux_loss_coef * aux
+    h = model.model(input_ids=example["input_ids"]).last_hidden_state[:, :-1].reshape(-1, 16)
+    return three_logit_loss(h * model.model.lm_head_multiplier, model.lm_head.weight, y, rare, g1, g2) / n
+
+
 @pytest.mark.parametrize("build", [_tiny_mixtral, _tiny_falcon_h1], ids=["mixtral-router-loss", "falcon-h1-multiplier"])
-def test_a_model_whose_own_loss_is_not_head_cross_entropy_is_refused(tmp_path, build):
+def test_a_model_whose_own_loss_is_not_head_cross_entropy_keeps_it_under_the_gated_layer(tmp_path, build):
+    """agg_output_layer 'auto': the first-step check finds the model's own loss differs from
+    cross-entropy on its head, so the model keeps computing it (router loss, logit multiplier)
+    and AGG gates W's gradient through the logits; every gradient of the first two updates equals
+    the model's own loss with its logits' part in the three-logit formulation."""
+    model = build()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = dataset(8)
+    recorder = GradRecorder()
+    trainer = Recording(model=model, args=training_args(tmp_path, max_steps=2, per_device_train_batch_size=2),
+                        train_dataset=data, callbacks=[recorder], agg_alpha=ALPHA, agg_window=WINDOW)
+    trainer.train()
+    assert trainer.agg_output_layer == "gated" and trainer.agg.num_updates == 2
+    own, head = trainer.model_loss_check
+    assert not math.isclose(own, head, rel_tol=MODEL_LOSS_RTOL)
+    history, gated_somewhere = [], False
+    for u, (grads, params) in enumerate(recorder.updates):
+        example = trainer.micro_batches[u]
+        rare, g1, g2 = reference_gates(history, V, ALPHA, WINDOW)
+        oracle = build()
+        oracle.load_state_dict(params)
+        _own_loss_reference(oracle, example, rare, g1, g2).backward()
+        assert_grads_match(grads, named_grads(oracle), f"update {u + 1}", rtol=1e-5, atol=1e-6)  # float32 models
+        gated_somewhere |= bool(rare.any())
+        history.append(shifted_targets([example["labels"]]))
+    assert gated_somewhere
+    assert not torch.equal(initial["lm_head.weight"], trainer.model.lm_head.weight.detach())
+
+
+@pytest.mark.parametrize("build", [_tiny_mixtral, _tiny_falcon_h1], ids=["mixtral-router-loss", "falcon-h1-multiplier"])
+def test_the_fused_loss_refuses_a_model_whose_own_loss_is_more(tmp_path, build):
     model = build()
     data = dataset(8)
-    trainer = AggTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, agg_alpha=ALPHA)
+    trainer = AggTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, agg_alpha=ALPHA,
+                         agg_output_layer="fused")
     with pytest.raises(AggConfigError) as excinfo:
         trainer.train()
     own, head = trainer.model_loss_check
-    _one_line(excinfo, type(model).__name__, f"{own:.6g}", f"{head:.6g}", "stock Trainer")
+    _one_line(excinfo, type(model).__name__, f"{own:.6g}", f"{head:.6g}", "agg_output_layer='gated'")
     assert not math.isclose(own, head, rel_tol=MODEL_LOSS_RTOL)
     assert trainer.agg.num_updates == 0 and trainer.state.global_step == 0  # refused at the first step
     # The two values are what they say, measured here on one example without the trainer.
@@ -395,6 +452,23 @@ def test_a_head_resized_after_the_trainer_was_built_is_refused(tmp_path):
     assert trainer.state.global_step == 0
 
 
+def test_a_model_that_soft_caps_its_logits_is_served_by_the_gated_layer_from_the_start(tmp_path):
+    """Soft-capping hardly moves a fresh model's small logits, so the first-step check could miss it:
+    the config decides, before training (gated under 'auto', refused under 'fused')."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(**SMALL, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    trainer = AggTrainer(model=Gemma2ForCausalLM(config), args=training_args(tmp_path, max_steps=2),
+                         train_dataset=dataset(8), agg_alpha=ALPHA)
+    assert trainer.agg_output_layer == "gated"
+    trainer.train()
+    assert trainer.agg.num_updates == 2 and trainer.model_loss_check is None  # no check was needed
+    with pytest.raises(AggConfigError) as excinfo:
+        AggTrainer(model=Gemma2ForCausalLM(config), args=training_args(tmp_path), agg_output_layer="fused")
+    _one_line(excinfo, "Gemma2ForCausalLM", "final_logit_softcapping = 30.0", "agg_output_layer='gated'")
+
+
 def test_models_it_cannot_serve_are_refused(tmp_path):
     biased = tiny_gpt2(tied=False)
     biased.lm_head = torch.nn.Linear(16, V, bias=True)
@@ -412,6 +486,7 @@ def test_models_it_cannot_serve_are_refused(tmp_path):
     ({"agg_alpha": 1.01}, ("alpha", "(0, 1]")),
     ({"agg_window": 0}, ("window",)),
     ({"agg_window": -2}, ("window",)),
+    ({"agg_output_layer": "full"}, ("output_layer", "auto, fused, gated")),
 ])
 def test_bad_options_are_refused(tmp_path, options, words):
     with pytest.raises(AggConfigError) as excinfo:

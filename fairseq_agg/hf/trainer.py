@@ -23,11 +23,16 @@ How it works (nothing of the model is patched for longer than one forward call):
   it away when the step was skipped (fp16 overflow). ``evaluate()`` / ``predict()`` run under
   ``torch.no_grad()`` with the model in eval mode and never count. The window defaults to one
   epoch of optimizer steps (the paper's K).
-* **The model's own loss.** At the first training step the model is also called once with the
-  labels (one example, no gradient, the same mode, the RNG forked so training's random stream is
-  untouched): a model whose own loss is not plain cross-entropy on its output head (an auxiliary
-  loss such as a Mixtral's router loss, logits scaled after the head) is refused in one line
-  naming both values, since AGG's loss would silently drop the difference.
+* **The model's own loss** (``agg_output_layer``, default ``auto``). At the first training step the
+  model is also called once with the labels (one example, no gradient, the same mode, the RNG
+  forked so training's random stream is untouched). Where its own loss is plain cross-entropy on
+  its output head, the fused loss above serves it. Where it is more (an auxiliary loss such as a
+  Mixtral's router loss, logits scaled or soft-capped after the head, the last read from the
+  config before training), the gated output layer does
+  (:class:`~fairseq_agg.training.GatedOutputLayer`): the model computes its own loss from full
+  logits, exactly as under the stock ``Trainer``, and AGG gates only the gradient that the head's
+  weight receives through the logits. ``agg_output_layer="fused"`` refuses such a model in one line
+  naming both values instead; ``"gated"`` always uses the gated layer.
 * **Checkpoints.** Every Trainer checkpoint holds the counter and the AGG options in
   ``agg_counter.pt``; ``train(resume_from_checkpoint=...)`` restores the counter. On resume every
   AGG option takes the value of the current arguments, defaults included (the window's default
@@ -54,7 +59,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from fairseq_agg.errors import AggConfigError
 from fairseq_agg.modeling import unwrap
-from fairseq_agg.training import AdaptiveGradientGating, check_options
+from fairseq_agg.training import AdaptiveGradientGating, causal_targets, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +74,11 @@ IGNORE_INDEX = -100
 MODEL_LOSS_RTOL = 1e-4
 
 # Config attributes by which a model transforms the head's output before it becomes the logits:
-# AGG's loss on the head's input would not be the model's loss.
+# AGG's loss on the head's input would not be the model's loss, and the first-step check may not
+# see it (soft-capping barely moves the small logits of a fresh model), so such models are served
+# by the gated output layer from the start.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+OUTPUT_LAYERS = ("auto", "fused", "gated")
 
 for _method in ("_get_num_items_in_batch", "set_initial_training_values", "_save_checkpoint"):
     if not hasattr(Trainer, _method):  # pragma: no cover - depends on the installed version
@@ -104,12 +112,24 @@ class AggArguments:
         metadata={"help": "compute the loss over chunks of this many positions (never all logits at once); "
                           "0: one pass; default: picked by shape (256 positions or more)"},
     )
+    agg_output_layer: str = field(
+        default="auto",
+        metadata={"help": "fused: AGG's loss in place of the head (no full logits), refusing a model whose own "
+                          "loss is more than cross-entropy on its head; gated: the model's own loss on full logits, "
+                          "W's gradient through them gated (GatedOutputLayer); auto: fused where the model's own "
+                          "loss is cross-entropy on its head (checked at the first step), gated elsewhere",
+                  "choices": list(OUTPUT_LAYERS)},
+    )
 
     def __post_init__(self):
         check_options(
             alpha=self.agg_alpha, window=self.agg_window, nspecial=self.agg_nspecial,
             static_after=self.agg_static_after, chunk_size=self.agg_chunk_size,
         )
+        if self.agg_output_layer not in OUTPUT_LAYERS:
+            raise AggConfigError(
+                f"AGG output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {self.agg_output_layer!r}"
+            )
 
 
 _AGG_FIELDS = frozenset(f.name for f in fields(AggArguments))
@@ -142,15 +162,19 @@ def output_head(model: nn.Module) -> nn.Linear:
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise AggConfigError(f"AggTrainer trains causal (decoder-only) language models; {name} is an encoder-decoder")
+    return head
+
+
+def logit_transform(model: nn.Module) -> Optional[str]:
+    """``config.<attr> = <value>`` for a model that transforms its head's output before the
+    loss (soft-capping, a logit scale), else None."""
+    config = getattr(unwrap(model), "config", None)
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(config, attr, None)
         if value is None or (attr == "final_logit_softcapping" and not value) or (attr != "final_logit_softcapping" and value == 1):
             continue
-        raise AggConfigError(
-            f"AggTrainer computes the loss from the output head's logits, but {name} transforms them "
-            f"afterwards (config.{attr} = {value})"
-        )
-    return head
+        return f"config.{attr} = {value}"
+    return None
 
 
 @contextlib.contextmanager
@@ -237,13 +261,23 @@ class AggTrainer(Trainer):
             static_after=agg_args.agg_static_after,
             chunk_size=agg_args.agg_chunk_size,
         )
+        # What the stock loss paths need when the model computes its own loss (the gated layer).
+        self._stock_loss_settings = (self.loss_is_scaled_for_ga, self.model_accepts_loss_kwargs, self.label_smoother)
         # The stock loss paths must not rescale ours (transformers versions without
         # loss_is_scaled_for_ga read this flag instead).
         self.model_accepts_loss_kwargs = True
         self.label_smoother = None
+        self.agg_output_layer = None  # "fused" or "gated", once decided
+        transform = logit_transform(self.model)
+        if agg_args.agg_output_layer == "gated" or (agg_args.agg_output_layer == "auto" and transform):
+            self._use_output_layer("gated", transform and f"{type(unwrap(self.model)).__name__} has {transform}")
+        elif agg_args.agg_output_layer == "fused" and transform:
+            raise AggConfigError(
+                f"AggTrainer: {type(unwrap(self.model)).__name__} transforms its logits after the head ({transform}), "
+                f"which AGG's fused loss would drop; use agg_output_layer='gated' (or 'auto')"
+            )
         self._agg_rare_sum = 0
         self._agg_rare_updates = 0
-        self._model_loss_checked = False
         self.model_loss_check = None  # (model's own loss, cross-entropy on its head), once measured
         self._agg_options_resumed = None  # the options of the checkpoint being resumed
         self.add_callback(_AggCallback(self))
@@ -294,20 +328,36 @@ class AggTrainer(Trainer):
         self.model_loss_check = (float(own), measured["head"])
         return math.isclose(*self.model_loss_check, rel_tol=MODEL_LOSS_RTOL, abs_tol=1e-6)
 
-    def _refuse_unless_head_cross_entropy(self, model: nn.Module, inputs: dict) -> None:
+    def _choose_output_layer(self, model: nn.Module, inputs: dict) -> None:
+        """At the first labelled training batch: the fused loss where the model's own loss is
+        cross-entropy on its head; otherwise the gated output layer (``auto``) or a refusal
+        (``fused``)."""
         example = _one_labelled_example(inputs)
         if example is None:
             return  # every label ignored: the next batch is checked
-        self._model_loss_checked = True
-        if not self.model_loss_is_head_cross_entropy(model, example):
-            own, head = self.model_loss_check
+        if self.model_loss_is_head_cross_entropy(model, example):
+            self._use_output_layer("fused")
+            return
+        own, head = self.model_loss_check
+        name = type(unwrap(model)).__name__
+        if self.agg_args.agg_output_layer == "fused":
             raise AggConfigError(
-                f"AggTrainer: {type(unwrap(model)).__name__}'s own loss on a training example is {own:.6g} but "
-                f"cross-entropy on its output head is {head:.6g}, the loss AGG trains with: the model adds to or "
-                f"transforms its logits' loss (an auxiliary loss such as a router loss, or logits scaled after the "
-                f"head), which AGG would drop; turn that off in the model's config (e.g. output_router_logits=False) "
-                f"or train this model with the stock Trainer"
+                f"AggTrainer: {name}'s own loss on a training example is {own:.6g} but cross-entropy on its output "
+                f"head is {head:.6g}, the loss AGG's fused loss trains with: the model adds to or transforms its "
+                f"logits' loss (an auxiliary loss such as a router loss, or logits scaled after the head), which the "
+                f"fused loss would drop; use agg_output_layer='gated' (or 'auto'), which keeps the model's own loss"
             )
+        self._use_output_layer("gated", f"{name}'s own loss on a training example is {own:.6g} where "
+                                        f"cross-entropy on its output head is {head:.6g}")
+
+    def _use_output_layer(self, kind: str, why: Optional[str] = None) -> None:
+        self.agg_output_layer = kind
+        if kind == "gated":
+            # The model's own loss, normalized and scaled exactly as the stock Trainer does.
+            self.loss_is_scaled_for_ga, self.model_accepts_loss_kwargs, self.label_smoother = self._stock_loss_settings
+            if why:
+                logger.info(f"AggTrainer: {why}; the model computes its own loss from full logits and AGG gates the "
+                            f"gradient its output layer's weight receives through them (agg_output_layer='gated')")
 
     # -- the loss -----------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -324,14 +374,15 @@ class AggTrainer(Trainer):
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if inputs.get("labels") is None and inputs.get("shift_labels") is None:
+            raise AggConfigError("AggTrainer needs labels in every batch (e.g. DataCollatorForLanguageModeling(mlm=False))")
+        if model.training and self.agg_output_layer is None:
+            self._choose_output_layer(model, {k: v for k, v in inputs.items() if v is not None})
+        if self.agg_output_layer == "gated":
+            return self._gated_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         shift_labels = inputs.pop("shift_labels", None)
-        if labels is None and shift_labels is None:
-            raise AggConfigError("AggTrainer needs labels in every batch (e.g. DataCollatorForLanguageModeling(mlm=False))")
-        if model.training and not self._model_loss_checked:
-            given = {"labels": labels, "shift_labels": shift_labels}
-            self._refuse_unless_head_cross_entropy(model, {**inputs, **{k: v for k, v in given.items() if v is not None}})
         head = self._agg_head(model)
         # Counting follows the model's mode: training_step puts it in train mode, evaluation in eval.
         self.agg.train(model.training)
@@ -376,9 +427,26 @@ class AggTrainer(Trainer):
             return loss, outputs
         return loss
 
+    def _gated_compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The stock Trainer's loss (the model's own, from full logits) with the head's forward
+        replaced, for this call, by the gated output layer's."""
+        head = self._agg_head(model)
+        self.agg.train(model.training)
+        shift_labels = inputs.get("shift_labels")
+        targets = shift_labels if shift_labels is not None else causal_targets(inputs["labels"], IGNORE_INDEX)
+
+        def gated_head(hidden):
+            if model.training and torch.is_grad_enabled():
+                return self.agg._gated_logits(hidden, head.weight)
+            return F.linear(hidden, head.weight)
+
+        with self.agg.targets(targets), _head_replaced(head, gated_head):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         has_labels = len(self.label_names) > 0 and all(inputs.get(k) is not None for k in self.label_names)
-        if not (prediction_loss_only and has_labels):
+        if not (prediction_loss_only and has_labels) or self.agg_output_layer == "gated":
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         # The loss alone: never build the logits.
         inputs = self._prepare_inputs(inputs)
