@@ -151,8 +151,8 @@ def training_progress(path) -> Optional[TrainingProgress]:
     history = state.get("optimizer_history") if isinstance(state, dict) else None
     if not history or "num_updates" not in history[-1]:
         return None
-    cfg = state.get("cfg") or {}
-    criterion = (cfg.get("criterion") or {}).get("_name") if cfg else None
+    cfg, legacy = state.get("cfg") or {}, state.get("args")  # args: fairseq < 0.10
+    criterion = (cfg.get("criterion") or {}).get("_name") if cfg else getattr(legacy, "criterion", None)
     return TrainingProgress(
         num_updates=int(history[-1]["num_updates"]),
         criterion_class=history[-1].get("criterion_name"),
@@ -162,7 +162,7 @@ def training_progress(path) -> Optional[TrainingProgress]:
 
 
 # -- which checkpoint a resume loads --------------------------------------------------------------------
-def newest_intact_checkpoint(save_dir, exclude: str = "") -> Optional[Tuple[Path, int]]:
+def most_trained_intact_checkpoint(save_dir, exclude: str = "") -> Optional[Tuple[Path, int]]:
     """The intact ``checkpoint*.pt`` of ``save_dir`` (but ``exclude``) that has trained the most
     updates, with that count. Ranked by the count each file records (file times say nothing: a
     copy or a restore from backup renews them); only the candidates up to the first intact one
@@ -188,7 +188,7 @@ def checkpoint_to_resume(filename: str) -> str:
     problem = damage(path)
     if problem is None:
         return filename
-    fallback = newest_intact_checkpoint(path.parent, exclude=path.name)
+    fallback = most_trained_intact_checkpoint(path.parent, exclude=path.name)
     if fallback is not None and path.name == "checkpoint_last.pt":
         logger.warning(
             f"{path} {problem}; resuming from {fallback[0]} ({fallback[1]} updates), the intact "

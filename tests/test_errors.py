@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fairseq_agg.core import TokenCounter, compute_gates
+from fairseq_agg.errors import AggConfigError
 from fairseq_agg.fairseq_fixes import saved_counter_state
 
 from _fairseq import binarize_lm, build, fairseq_train, train_args
@@ -39,6 +40,13 @@ def test_non_positive_static_after(lm_data):
         build(train_args(lm_data["a"], "--agg-static-after", "0"))
 
 
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_study_rare_fraction_outside_the_open_unit_interval(lm_data, fraction):
+    # A refusal at criterion construction: fairseq-train prints it as one line (REFUSALS below).
+    with pytest.raises(AggConfigError, match=r"--agg-study-rare-fraction must lie in \(0, 1\)"):
+        build(train_args(lm_data["a"], "--agg-study", "freeze", "--agg-study-rare-fraction", fraction))
+
+
 def test_unknown_ablation_mode_on_the_command_line(lm_data):
     result = fairseq_train(train_args(lm_data["a"], "--agg-study", "detach_a"))
     assert result.returncode != 0
@@ -62,8 +70,6 @@ def test_criterion_on_a_task_that_cannot_feed_it(lm_data):
 REFUSALS = {
     "wrong task": ({"task": "language_modeling"}, [], "needs a task that feeds its token counter: use --task language_modeling_agg"),
     "alpha": ({}, ["--agg-alpha", "1.5"], "--agg-alpha must lie in (0, 1], got 1.5"),
-    "study rare fraction": ({}, ["--agg-study", "freeze", "--agg-study-rare-fraction", "1.5"],
-                            "--agg-study-rare-fraction must lie in (0, 1)"),
     "amp": ({}, ["--amp"], "do not support --amp"),
     "fp16 on CPU": ({}, ["--fp16"], "--fp16 needs a CUDA GPU and --cpu was given"),
     "coupled adam": ({}, ["--optimizer", "coupled_adam", "--coupled-adam-embeddings", "nonsense"], "--coupled-adam-embeddings"),

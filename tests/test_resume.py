@@ -110,7 +110,7 @@ def test_resume_at_the_end_of_epoch_1_and_in_epoch_2_is_bit_identical(epoch_runs
 
 
 @pytest.mark.parametrize("torn", ["empty", "truncated"])
-def test_torn_checkpoint_last_falls_back_to_the_newest_intact_checkpoint(epoch_runs, torn):
+def test_torn_checkpoint_last_falls_back_to_the_intact_checkpoint_with_the_most_updates(epoch_runs, torn):
     run = epoch_runs[torn]
     state = "empty" if torn == "empty" else "truncated"
     assert re.search(rf"checkpoint_last.pt is {state} .*resuming from \S+checkpoint_2_{STOP_IN_EPOCH_2}.pt", run.log)
@@ -208,11 +208,11 @@ def restart_runs(epoch_runs, lm_data, tmp_path_factory):
             "--restore-file", suggested_restore_file(runs[case]) or "none suggested", name=f"as suggested ({case})")
     runs["dropped"] = lm_train(lm_data, dropped, "--train-subset", "valid", "--disable-validation",
                                "--max-update", STOP_IN_EPOCH_2 + 2, name="resumed without AGG options")
-    runs["finetune"] = lm_train(lm_data, root / "finetune", *AGG, "--max-update", 2, "--finetune-from-model", source,
+    runs["finetune"] = lm_train(lm_data, root / "finetune", *AGG, "--max-update", 1, "--finetune-from-model", source,
                                 name="--finetune-from-model")
-    runs["finetune_keep"] = lm_train(lm_data, root / "finetune_keep", *AGG, "--max-update", 2, "--finetune-from-model",
+    runs["finetune_keep"] = lm_train(lm_data, root / "finetune_keep", *AGG, "--max-update", 1, "--finetune-from-model",
                                      source, "--agg-keep-counter", name="--finetune-from-model --agg-keep-counter")
-    runs["reset_optimizer"] = lm_train(lm_data, root / "reset_optimizer", *AGG, "--max-update", 2, "--reset-optimizer",
+    runs["reset_optimizer"] = lm_train(lm_data, root / "reset_optimizer", *AGG, "--max-update", 1, "--reset-optimizer",
                                        "--restore-file", source, name="--reset-optimizer")
     run_all([runs[k] for k in ("follow_in_save_dir", "follow_torn", "dropped", "finetune", "finetune_keep",
                                "reset_optimizer")], check=False)
@@ -263,22 +263,23 @@ def test_resume_takes_every_agg_option_from_the_command_line(restart_runs):
 def test_fine_tuning_starts_a_fresh_counter(restart_runs, epoch_runs, case):
     run = succeeded(restart_runs[case])
     counter = saved_counter_state(run.checkpoint())
-    assert counter["num_updates"] == 2 and counter["window"] == EPOCH_UPDATES
+    assert counter["num_updates"] == 1 and counter["window"] == EPOCH_UPDATES
     # The first update's gates come from an empty counter, as in a run from scratch.
     from_scratch = epoch_runs["full"].records["train_inner"][0]["agg_rare"]
     assert run.records["train_inner"][0]["agg_rare"] == from_scratch
     option = "--finetune-from-model" if case == "finetune" else "--reset-optimizer"
-    assert f"{option} starts the training afresh: so does the AGG token counter, at update 1" in run.log
+    assert f"{option}: a new training from the checkpoint, with a fresh AGG token counter from update 1 on" in run.log
     (line,) = [line for line in run.log.splitlines() if "AGG options differ" in line]
     assert f"--agg-window 5 -> {EPOCH_UPDATES} (one epoch, the default)" in line and "from update 1 on" in line
 
 
 def test_agg_keep_counter_continues_the_checkpoints_counter(restart_runs, epoch_runs):
     run = succeeded(restart_runs["finetune_keep"])
-    assert "--agg-keep-counter: the AGG token counter continues the checkpoint's (25 updates)" in run.log
+    assert ("--agg-keep-counter: the new training (--finetune-from-model) continues the checkpoint's AGG token "
+            f"counter ({STOP_IN_EPOCH_2 + 1} updates)") in run.log
     assert run.records["train_inner"][0]["agg_rare"] != epoch_runs["full"].records["train_inner"][0]["agg_rare"]
     counter = saved_counter_state(run.checkpoint())
-    assert counter["num_updates"] == STOP_IN_EPOCH_2 + 1 + 2 and counter["window"] == EPOCH_UPDATES
+    assert counter["num_updates"] == STOP_IN_EPOCH_2 + 1 + 1 and counter["window"] == EPOCH_UPDATES
 
 
 def test_bf16_trains_without_the_tpu_path(epoch_runs):

@@ -122,16 +122,17 @@ class AggTaskMixin:
             return
         next_update = next_update or int(counter_state["num_updates"]) + 1
         keep = getattr(self.agg_options, "agg_keep_counter", False)
+        saved_updates = int(counter_state["num_updates"])
         if fine_tuning and not keep:
             logger.info(
-                f"{fine_tuning} starts the training afresh: so does the AGG token counter, at update {next_update} "
-                f"(--agg-keep-counter would continue the checkpoint's, {int(counter_state['num_updates'])} updates)"
+                f"{fine_tuning}: a new training from the checkpoint, with a fresh AGG token counter from update "
+                f"{next_update} on (--agg-keep-counter would continue the checkpoint's, {saved_updates} updates)"
             )
         else:
             if fine_tuning:
                 logger.info(
-                    f"--agg-keep-counter: the AGG token counter continues the checkpoint's "
-                    f"({int(counter_state['num_updates'])} updates) although {fine_tuning} starts the training afresh"
+                    f"--agg-keep-counter: the new training ({fine_tuning}) continues the checkpoint's AGG token "
+                    f"counter ({saved_updates} updates)"
                 )
             # Every AGG option takes this run's value, defaults included: the window (until the
             # training iterator sets the default, one epoch) and --agg-static-after too.
