@@ -116,7 +116,8 @@ def _sealed_save(save):
         if async_write or not isinstance(filename, str) or PathManager.path_requires_pathmanager(filename):
             return save(obj, filename, async_write)
         # Sealed before it takes its name, so that no crash leaves a file and a seal that disagree.
-        unsealed = f"{filename}.unsealed{os.getpid()}"
+        # One name per checkpoint (as fairseq's own ".tmp"): what a crash leaves is reused, not piled up.
+        unsealed = f"{filename}.unsealed"
         try:
             save(obj, unsealed)
             seal(unsealed)
@@ -130,15 +131,15 @@ def _sealed_save(save):
 
 
 # -- data parallel on CPU -------------------------------------------------------------------------
-def _cpu_modules_without_device_ids(distributed_data_parallel):
-    def build(module, device_ids=None, output_device=None, **kwargs):
+def _cpu_modules_without_device_ids(ddp_class):
+    def distributed_data_parallel(module, device_ids=None, output_device=None, **kwargs):
         if all(p.device.type == "cpu" for p in module.parameters()):
             # torch's DDP takes device ids for GPU modules only; fairseq passes --device-id always.
             device_ids = output_device = None
-        return distributed_data_parallel(module, device_ids=device_ids, output_device=output_device, **kwargs)
+        return ddp_class(module, device_ids=device_ids, output_device=output_device, **kwargs)
 
-    build.__wrapped__ = distributed_data_parallel
-    return build
+    distributed_data_parallel.__wrapped__ = ddp_class
+    return distributed_data_parallel
 
 
 # -- the AGG state in the trainer's checkpoints ---------------------------------------------------
