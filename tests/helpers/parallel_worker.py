@@ -207,6 +207,43 @@ def run_parallel(scenario, dtype, sharded, reference):
     }
 
 
+def refusals():
+    """What a DTensor weight gets from AGG without the right call: one AggConfigError line each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fairseq_agg.errors import AggConfigError
+
+    def message(call):
+        try:
+            call()
+        except AggConfigError as error:
+            return str(error)
+        return None
+
+    world = dist.get_world_size()
+    agg = AdaptiveGradientGating(VOCAB, **AGG_OPTIONS)
+    hidden, labels = torch.randn(3, DIM), torch.randint(0, VOCAB, (3,))
+    tp_head = nn.Linear(DIM, VOCAB, bias=False)
+    parallelize_module(tp_head, init_device_mesh("cpu", (world,)), ColwiseParallel())
+    fsdp_head = nn.Linear(DIM, VOCAB, bias=False)
+    fully_shard(fsdp_head, mesh=init_device_mesh("cpu", (world,)))
+    two_d = nn.Linear(DIM, VOCAB, bias=False)
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp")) if world == 4 else None
+    if mesh is not None:
+        parallelize_module(two_d, mesh["tp"], ColwiseParallel())
+        fully_shard(two_d, mesh=mesh["dp"])
+    return {
+        "tp_weight_without_vocab_parallel": message(lambda: agg.loss(hidden, tp_head.weight, labels)),
+        "fsdp_weight_outside_forward": message(lambda: agg.loss(hidden, fsdp_head.weight, labels)),
+        "plain_weight_with_vocab_parallel": message(
+            lambda: agg.loss(hidden, nn.Linear(DIM, VOCAB, bias=False).weight, labels, vocab_parallel=True)),
+        "fsdp_tp_weight_outside_forward": None if mesh is None else message(
+            lambda: agg.loss(hidden, two_d.weight, labels, vocab_parallel=True)),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("scenarios", nargs="+", metavar="LAYOUT:HEAD:DTYPE[:resume]",
@@ -225,6 +262,8 @@ def main():
         references[scenario] = (dtype, sharded, (ref_model, ref_agg, ref_losses))
 
     dist.init_process_group("gloo")
+    with open(os.path.join(os.environ["AGG_PARALLEL_OUT"], f"rank{dist.get_rank()}-refusals.json"), "w") as f:
+        json.dump(refusals(), f)
     for scenario, (dtype, sharded, reference) in references.items():
         result = run_parallel(scenario, dtype, sharded, reference)
         name = f"rank{dist.get_rank()}-{scenario.replace(':', '-')}.json"
