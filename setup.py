@@ -33,6 +33,8 @@ setup(
         "test": ["pytest", "isoscore"],  # isoscore: the reference IsoScore is compared against
         # fairseq_agg.hf (AggTrainer); tested with transformers 5.24 and accelerate 1.15
         "hf": ["transformers>=5.0", "accelerate>=0.26"],
+        # the documentation site (mkdocs build --strict runs in the test suite)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={
         "console_scripts": [

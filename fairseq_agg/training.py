@@ -163,7 +163,8 @@ class AdaptiveGradientGating(nn.Module):
         nspecial: the first ``nspecial`` ids are never rare (fairseq's bos, pad, eos, unk).
         ignore_index: label value that is neither a target nor counted (default -100).
         label_smoothing: epsilon as in ``F.cross_entropy(label_smoothing=...)``, in [0, 1).
-        no_g1, no_g2: ablations (gate g1 / g2 held at 1).
+        no_g1: ablation: gate g1 held at 1 (part (b) not gated).
+        no_g2: ablation: gate g2 held at 1 (part (c) not gated).
         static_after: ablation: the rare group and its gates stop changing after this many updates.
         chunk_size: > 0: the output layer and loss run over chunks of this many positions, so the
             (positions x vocabulary) logits are never held at once; 0: one logits tensor; None

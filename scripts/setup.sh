@@ -21,5 +21,6 @@ if ! "$PY" -c "import fairseq" 2>/dev/null; then
     "$PY" -m pip install -q --no-build-isolation fairseq==0.12.2
   fi
 fi
-"$PY" -m pip install -q --no-build-isolation -e ".[test,hf]"  # hf: transformers + accelerate for fairseq_agg.hf
+# hf: transformers + accelerate for fairseq_agg.hf; docs: mkdocs for the site the tests build
+"$PY" -m pip install -q --no-build-isolation -e ".[test,hf,docs]"
 "$PY" -c "import fairseq_agg.criterions, fairseq_agg.tasks; print('[setup] fairseq-agg ready')"
