@@ -305,6 +305,24 @@ def check_precision(cfg) -> None:
         )
 
 
+PLUGIN_CRITERIA = ("agg_cross_entropy", "agg_unlikelihood", "unlikelihood_cross_entropy", "cosreg_cross_entropy")
+
+
+def check_ddp_backend(cfg) -> None:
+    """``--ddp-backend fully_sharded`` (fairscale's FSDP) under the plug-in's criteria, refused
+    before any work: they read the output embedding after the model's forward, when that FSDP has
+    already freed its gathered copy, and fairscale's FSDP runs on CUDA devices only."""
+    backend = str(getattr(cfg.distributed_training, "ddp_backend", ""))
+    criterion = getattr(cfg.criterion, "_name", None) if cfg.criterion is not None else None
+    if backend == "fully_sharded" and criterion in PLUGIN_CRITERIA:
+        raise AggConfigError(
+            f"--criterion {criterion} cannot train under --ddp-backend fully_sharded: the criterion reads the "
+            f"output embedding after the model's forward, when fairscale's FSDP has already freed its gathered "
+            f"weights (and that FSDP runs on CUDA only); use --ddp-backend pytorch_ddp (or legacy_ddp), or "
+            f"torch's FSDP2 with fairseq_agg.training (docs: Scaling out)"
+        )
+
+
 class _GuardedMain:
     """fairseq's ``main`` printing the plug-in's refusals in one line; a class, not a closure,
     so that ``torch.multiprocessing.spawn`` can pickle it for the workers it starts."""
@@ -323,6 +341,7 @@ def _refusing_in_one_line(call_main):
     def checked_call_main(cfg, main, **kwargs):
         try:
             check_precision(cfg)
+            check_ddp_backend(cfg)
             check_restore_file(cfg)
             return call_main(cfg, _GuardedMain(main), **kwargs)
         except AggConfigError as error:

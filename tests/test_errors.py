@@ -73,6 +73,8 @@ REFUSALS = {
     "amp": ({}, ["--amp"], "do not support --amp"),
     "fp16 on CPU": ({}, ["--fp16"], "--fp16 needs a CUDA GPU and --cpu was given"),
     "coupled adam": ({}, ["--optimizer", "coupled_adam", "--coupled-adam-embeddings", "nonsense"], "--coupled-adam-embeddings"),
+    "fully sharded": ({}, ["--ddp-backend", "fully_sharded"],
+                      "--criterion agg_cross_entropy cannot train under --ddp-backend fully_sharded"),
 }
 
 
