@@ -129,30 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- steps -----------------------------------------------------------------------------------
 
-def resolve_data(data: Optional[Path]) -> Path:
+def resolve_data(data: Optional[Path], tool: str = "fairseq-agg-demo") -> Path:
     folder = (data or REPO_DATA).resolve()
     missing = [s for s in SPLITS if not (folder / f"wiki.{s}.tokens").is_file()]
     if missing:
         where = "--data" if data else "the repository's data/wikitext-2 (pass --data DIR)"
-        raise SystemExit(f"fairseq-agg-demo: {where}: {folder} lacks " + ", ".join(f"wiki.{s}.tokens" for s in missing))
+        raise SystemExit(f"{tool}: {where}: {folder} lacks " + ", ".join(f"wiki.{s}.tokens" for s in missing))
     return folder
 
 
 class LoggedProcess:
     """A subprocess whose output goes to a log file; the lines ``show`` picks are also
-    printed, prefixed with ``label`` (two of them may run side by side)."""
+    printed, prefixed with ``label`` (two of them may run side by side). ``tool`` names the
+    command in the message of a failed run."""
 
-    def __init__(self, cmd: List[str], log_path: Path, show, label: str, threads: Optional[int] = None):
+    def __init__(self, cmd: List[str], log_path: Path, show, label: str, threads: Optional[int] = None,
+                 tool: str = "fairseq-agg-demo"):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if threads is not None:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, str(threads))
-        self.log_path, self.label, self.show = log_path, label, show
+        self.log_path, self.label, self.show, self.tool = log_path, label, show, tool
         self.lines: List[str] = []
         self.start_time = time.time()
         self.end_time: Optional[float] = None
         self.log = open(log_path, "w", encoding="utf-8")
-        self.log.write("$ " + " ".join(cmd) + "\n")
+        self.log.write("$ " + shlex.join(cmd) + "\n")  # pasted into a shell, it runs again
         self.log.flush()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -174,7 +176,7 @@ class LoggedProcess:
         self.log.close()
         if rc != 0:
             tail = "\n".join(self.lines[-30:])
-            raise SystemExit(f"fairseq-agg-demo: {self.label} failed (exit {rc}); log: {self.log_path}\n{tail}")
+            raise SystemExit(f"{self.tool}: {self.label} failed (exit {rc}); log: {self.log_path}\n{tail}")
         return self.lines
 
     def kill(self) -> None:
@@ -429,6 +431,12 @@ TABLE_ROWS = (
 )
 
 
+def evaluation_command(data_bin: Path, checkpoint: Path, out: Path) -> str:
+    """The ``fairseq-agg-eval lm`` command line of a demo model, quoted for a shell. The demo
+    trains on CPU (``--cpu`` in :func:`train_command`), so its evaluation stays there too."""
+    return shlex.join(["fairseq-agg-eval", "lm", str(data_bin), "--path", str(checkpoint), "--out", str(out), "--cpu"])
+
+
 def format_table(runs: Dict[str, Dict], rows=TABLE_ROWS) -> str:
     """One column per model, one line per (label, key, digits) of ``rows``; with several seeds
     (``combine_seeds``) mean ± sample std. Also the HF demo's table."""
@@ -498,8 +506,8 @@ def run_demo(argv: Optional[List[str]] = None) -> Dict:
               f"(paper, Table 3, WikiText-103 at full scale: MLE 0.377, AGG 0.813)")
     print(f"\nresults: {args.workdir / 'results.json'} (total {results['total_seconds']:.0f} s)")
     for key in trained:
-        print(f"full evaluation (tables, figures): fairseq-agg-eval lm {data_bin} "
-              f"--path {args.workdir / key / 'checkpoint_last.pt'} --out {args.workdir / 'eval' / key}")
+        print("full evaluation (tables, figures): "
+              + evaluation_command(data_bin, args.workdir / key / "checkpoint_last.pt", args.workdir / "eval" / key))
     return results
 
 

@@ -6,10 +6,13 @@ built from a config (no download) on the shipped WikiText-2 slice, on CPU.
     python -m fairseq_agg.hf_demo --quick               # 150 steps per model
 
 The same model and data are trained twice with the same seed: with the stock ``Trainer`` (MLE)
-and with :class:`fairseq_agg.hf.AggTrainer` (AGG), then both are evaluated and a side-by-side
-table is printed (perplexity, I(W) of the output embedding, the AGG rare group, time) and
-written to ``<workdir>/results.json``. The workdir must be new, empty or an earlier HF demo's (its
-``.fairseq-agg-owner`` stamp says so); any other is refused in one line before any work starts.
+and with :class:`fairseq_agg.hf.AggTrainer` (AGG), then both are evaluated and the fairseq demo's
+table is printed (perplexity; I(W) and IsoScore of the output embedding, overall and per frequency
+group of the train split; the AGG rare group; time) and written to ``<workdir>/results.json``.
+Every progress line starts with its run's name; with ``--jobs 2`` (the default) the two models
+train side by side in their own processes, each also logging to ``<workdir>/<run>.log``. The
+workdir must be new, empty or an earlier HF demo's (its ``.fairseq-agg-owner`` stamp says so);
+any other is refused in one line before any work starts.
 
 The settings mirror ``fairseq-agg-demo``: 2 layers, d=64, FFN 256, 4 heads, tied embeddings,
 dropout 0.1, AdamW (0.9, 0.98), lr 1e-3 with 150 warm-up steps and an inverse square root
@@ -25,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -35,17 +37,17 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from fairseq_agg.demo import format_table
+from fairseq_agg import demo, metrics
 from fairseq_agg.errors import AggConfigError
 from fairseq_agg.workdir import Owner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DATA = PACKAGE_DIR.parent / "data" / "wikitext-2"
 GPT2_BPE = PACKAGE_DIR.parent / "data" / "gpt2_bpe"
 SPLITS = ("train", "valid", "test")
 DEFAULT_STEPS, QUICK_STEPS = 600, 150
 UNK, EOS = "<unk>", "</s>"
 OWNER = Owner("fairseq_agg.hf_demo", "--workdir")  # the HF demo writes only into a workdir it made
+TOOL = "fairseq_agg.hf_demo"  # names the demo in its messages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +153,12 @@ def tiny_gpt2(vocab_size: int, args):
         n_inner=4 * args.embed_dim, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
         bos_token_id=1, eos_token_id=1, tie_word_embeddings=True, use_cache=False,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers picks a model's loss by its class name, and "GPT2LMHeadModel" matches none, so
+    # it warns at the first loss and falls back to ForCausalLM, GPT-2's shifted cross-entropy:
+    # named here, the same loss without the warning
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def perplexity(model, stream: torch.Tensor, block_size: int) -> float:
@@ -167,12 +174,34 @@ def perplexity(model, stream: torch.Tensor, block_size: int) -> float:
     return math.exp(total / count)
 
 
+def frequency_groups(train: torch.Tensor, vocab_size: int, nspecial: int) -> Dict[str, torch.Tensor]:
+    """The fairseq demo's frequency groups (:func:`fairseq_agg.demo.frequency_groups`) with the
+    counts of the train stream: top 30% frequent, next 50% medium, last 20% rare."""
+    counts = torch.bincount(train, minlength=vocab_size)
+    return {name: torch.from_numpy(ids) for name, ids in metrics.frequency_groups(counts, nspecial).items()}
+
+
+def progress_printer(tag: str):
+    """A Trainer callback that prints each log entry on one line starting with ``tag`` (the run's
+    name; empty in a ``--jobs`` child, whose lines the parent prefixes). Replaces transformers'
+    PrinterCallback, whose bare dicts do not say which run they belong to."""
+    from transformers import TrainerCallback
+
+    class ProgressPrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in logs.items() if k != "total_flos")
+                print(f"{tag}step {state.global_step}/{state.max_steps}: {values}", flush=True)
+
+    return ProgressPrinter()
+
+
 def train_one(name: str, streams, vocab_size: int, nspecial: int, args, workdir: Path) -> Dict:
     import fairseq_agg.hf as agg_hf
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from fairseq_agg.isotropy import isotropy
-
+    tag = "" if args.result_file is not None else f"[{name}] "
     model = tiny_gpt2(vocab_size, args)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(150, args.max_steps // 4))
     training_args = TrainingArguments(
@@ -188,6 +217,8 @@ def train_one(name: str, streams, vocab_size: int, nspecial: int, args, workdir:
                                     agg_alpha=args.alpha, agg_nspecial=nspecial)
     else:
         trainer = Trainer(model=model, args=training_args, train_dataset=train)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress_printer(tag))
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -195,51 +226,39 @@ def train_one(name: str, streams, vocab_size: int, nspecial: int, args, workdir:
     result = {
         "valid_ppl": perplexity(model, streams["valid"], args.block_size),
         "test_ppl": perplexity(model, streams["test"], args.block_size),
-        "I(W)": float(isotropy(weight)),
+        **demo.embedding_isotropy(weight, frequency_groups(streams["train"], vocab_size, nspecial)),
         "rare_group_size": trainer.agg.num_rare if name == "agg" else None,
         "agg_window": trainer.agg.window if name == "agg" else None,
         "vocab_size": int(weight.size(0)),
         "num_updates": int(trainer.state.global_step),
         "train_seconds": round(seconds, 1),
     }
-    print(f"[{name}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()),
+    rare = "" if result["rare_group_size"] is None else f", AGG rare group {result['rare_group_size']}"
+    print(f"{tag}done: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
+          f"I(W) {result['I(W)']:.3f}, IsoScore {result['IsoScore']:.3f}{rare}, {result['train_seconds']:.0f} s",
           flush=True)
     return result
 
 
-TABLE_ROWS = (
-    ("valid perplexity", "valid_ppl", 2),
-    ("test perplexity", "test_ppl", 2),
-    ("I(W) all tokens", "I(W)", 3),
-    ("AGG rare group at end", "rare_group_size", 0),
-    ("vocabulary size", "vocab_size", 0),
-    ("updates", "num_updates", 0),
-    ("train seconds", "train_seconds", 0),
-)
-
-
 def train_in_processes(names: List[str], args, argv: Optional[List[str]]) -> Dict[str, Dict]:
     """Each model in its own process, ``--jobs`` at a time, the CPU threads split between them
-    (on a small machine one intra-op thread per model is much faster than two models sharing)."""
+    (on a small machine one intra-op thread per model is much faster than two models sharing);
+    their output goes to ``<workdir>/<run>.log`` and, each line prefixed with the run's name, here."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    pending, active, runs = list(names), [], {}
-    while pending or active:
-        while pending and len(active) < args.jobs:
-            name = pending.pop(0)
-            out = args.workdir / f"{name}.result.json"
-            out.unlink(missing_ok=True)  # an earlier run's result must not pass for this one's
-            cmd = [sys.executable, "-m", "fairseq_agg.hf_demo", *argv, "--runs", name, "--workdir", str(args.workdir),
-                   "--max-steps", str(args.max_steps), "--result-file", str(out)]
-            active.append((name, out, subprocess.Popen(cmd, env=env)))
-        name, out, proc = active.pop(0)
-        if proc.wait() != 0 or not out.is_file():
-            for _, _, other in active:
-                other.kill()
-            raise SystemExit(f"fairseq_agg.hf_demo: the {name} run failed (exit status {proc.returncode})")
-        runs[name] = json.loads(out.read_text())
-    return {name: runs[name] for name in names}
+    result_files = {name: args.workdir / f"{name}.result.json" for name in names}
+
+    def start(name, threads):
+        result_files[name].unlink(missing_ok=True)  # an earlier run's result must not pass for this one's
+        cmd = [sys.executable, "-m", "fairseq_agg.hf_demo", *argv, "--runs", name, "--workdir", str(args.workdir),
+               "--max-steps", str(args.max_steps), "--result-file", str(result_files[name])]
+        return name, demo.LoggedProcess(cmd, args.workdir / f"{name}.log", lambda _line: True, name, threads, TOOL)
+
+    demo.run_in_batches(names, args.jobs, start)
+    missing = [name for name in names if not result_files[name].is_file()]
+    if missing:
+        raise SystemExit(f"{TOOL}: the {missing[0]} run wrote no {result_files[missing[0]]}; log: "
+                         f"{args.workdir / (missing[0] + '.log')}")
+    return {name: json.loads(result_files[name].read_text()) for name in names}
 
 
 def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
@@ -248,13 +267,10 @@ def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
     if args.max_steps is None:
         args.max_steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
     if not 0.0 < args.alpha <= 1.0:
-        raise SystemExit("fairseq_agg.hf_demo: --alpha must lie in (0, 1]")
+        raise SystemExit(f"{TOOL}: --alpha must lie in (0, 1]")
     if args.max_steps < 1:
-        raise SystemExit("fairseq_agg.hf_demo: --max-steps must be positive")
-    data = (args.data or REPO_DATA).resolve()
-    missing = [s for s in SPLITS if not (data / f"wiki.{s}.tokens").is_file()]
-    if missing:
-        raise SystemExit(f"fairseq_agg.hf_demo: {data} lacks wiki.{{{','.join(missing)}}}.tokens")
+        raise SystemExit(f"{TOOL}: --max-steps must be positive")
+    data = demo.resolve_data(args.data, TOOL)
     args.workdir = args.workdir.resolve()
     OWNER.claim(args.workdir)  # before any work; a --jobs child finds it claimed by its parent
     if args.result_file is not None:
@@ -277,7 +293,7 @@ def run_hf_demo(argv: Optional[List[str]] = None) -> Dict:
         runs = train_in_processes(names, args, argv)
     else:
         runs = {name: train_one(name, streams, vocab_size, nspecial, args, args.workdir) for name in names}
-    table = format_table(runs, TABLE_ROWS)
+    table = demo.format_table(runs)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": runs,

@@ -3,6 +3,8 @@ MLE and AGG twins on CPU, and check the paper's central claim in miniature."""
 
 import json
 import math
+import shlex
+from importlib.metadata import entry_points
 
 import pytest
 
@@ -46,6 +48,14 @@ def test_agg_output_embedding_is_more_isotropic(quick_demo):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="lacks wiki.train.tokens"):
         demo.main(["--data", str(tmp_path), "--workdir", str(tmp_path / "work")])
+
+
+def test_the_hf_demo_names_missing_data_files_and_the_option(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--framework", "hf", "--data", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    assert str(refused.value) == (f"fairseq_agg.hf_demo: --data: {tmp_path} lacks wiki.train.tokens, wiki.valid.tokens, "
+                                  "wiki.test.tokens")
+    assert not (tmp_path / "work").exists()
 
 
 def test_seeds_give_each_seed_and_numpys_mean_and_sample_std(tmp_path):
@@ -124,3 +134,27 @@ def test_the_hf_demo_refuses_a_workdir_it_did_not_write(tmp_path, capsys):
                     "write (no .fairseq-agg-owner stamp); pass another --workdir or remove it yourself")
     assert [p.name for p in tmp_path.iterdir()] == ["mle.result.json"]
     assert (tmp_path / "mle.result.json").read_text() == "the user's"
+
+
+def test_the_printed_evaluation_command_runs_as_printed_on_cpu(tmp_path, capsys):
+    """The demo ends with a fairseq-agg-eval command per model for the user to run next: quoted for
+    a shell (the workdir here holds a space) and on the CPU the demo trained on. The run log's first
+    line is the training command, quoted the same way."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, lines in (("train", 300), ("valid", 30), ("test", 30)):
+        text = (demo.REPO_DATA / f"wiki.{split}.tokens").read_text(encoding="utf-8")
+        (data / f"wiki.{split}.tokens").write_text("".join(text.splitlines(keepends=True)[:lines]), encoding="utf-8")
+    workdir = tmp_path / "demo run"
+    demo.run_demo(["--data", str(data), "--workdir", str(workdir), *TINY, "--threshold", "3"])
+    prefix = "full evaluation (tables, figures): "
+    printed = [line[len(prefix):] for line in capsys.readouterr().out.splitlines() if line.startswith(prefix)]
+    assert len(printed) == 1, printed
+    argv = shlex.split(printed[0])
+    assert argv == ["fairseq-agg-eval", "lm", str(workdir / "data-bin"), "--path", str(workdir / "agg" / "checkpoint_last.pt"),
+                    "--out", str(workdir / "eval" / "agg"), "--cpu"]
+    (tool,) = entry_points(group="console_scripts", name=argv[0])
+    assert tool.load()([*argv[1:], "--num-texts", "2", "--no-progress-bar"]) == 0  # fewer continuations: time
+    assert json.loads((workdir / "eval" / "agg" / "results.json").read_text())["isotropy"]["total"] > 0
+    logged = (workdir / "agg" / "train.log").read_text(encoding="utf-8").splitlines()[0]
+    assert logged.startswith("$ ") and "(0.9, 0.98)" in shlex.split(logged[2:])

@@ -52,26 +52,41 @@ TINY = ["--max-steps", "3", "--train-lines", "80", "--eval-lines", "20", "--bloc
         "--embed-dim", "16", "--layers", "1"]
 
 
-def test_hf_demo_word_level_in_two_processes(tmp_path, capsys):
+def test_hf_demo_word_level_in_two_processes(tmp_path, capfd):
+    """Two runs side by side: the fairseq demo's table, every line of a run named by its run, and
+    no transformers warning about the model's loss_type."""
+    from fairseq_agg import demo
     from fairseq_agg.hf_demo import run_hf_demo
 
     results = run_hf_demo([*TINY, "--jobs", "2", "--workdir", str(tmp_path)])
     assert set(results["runs"]) == {"mle", "agg"}
     for name, run in results["runs"].items():
-        assert run["num_updates"] == 3 and run["valid_ppl"] > 1 and 0 < run["I(W)"] <= 1, name
+        assert run["num_updates"] == 3 and run["valid_ppl"] > 1, name
+        for key in ("I(W)", "I(W) frequent", "I(W) medium", "I(W) rare", "IsoScore", "IsoScore rare"):
+            assert 0 < run[key] <= 1, (name, key)
     assert results["runs"]["mle"]["rare_group_size"] is None and results["runs"]["agg"]["rare_group_size"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
-    out = capsys.readouterr().out
-    for row in ("valid perplexity", "test perplexity", "I(W) all tokens", "AGG rare group at end", "train seconds"):
-        assert row in out
+    out, err = capfd.readouterr()
+    header_and_progress, table = out.split("\n\n")[:2]
+    assert table == demo.format_table(results["runs"])  # the rows of demo.TABLE_ROWS
+    progress = header_and_progress.splitlines()[1:]
+    for line in progress:
+        assert line.startswith(("[mle] ", "[agg] ")), line
+    progress = "\n".join(progress)
+    for name in ("mle", "agg"):
+        assert f"[{name}] step 3/3: train_runtime" in progress and f"[{name}] done: valid ppl" in progress
+    assert "loss_type" not in out + err
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_hf_demo_gpt2_bpe(tmp_path):
+def test_hf_demo_gpt2_bpe(tmp_path, capsys):
     from fairseq_agg import demo
     from fairseq_agg.hf_demo import run_hf_demo
 
     results = run_hf_demo([*TINY, "--tokenizer", "gpt2-bpe", "--jobs", "1", "--workdir", str(tmp_path)])
+    # one run after the other in this process: each progress line still names its run
+    progress = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]
+    assert progress and all(line.startswith(("[mle] ", "[agg] ")) for line in progress), progress
     mle, agg = results["runs"]["mle"], results["runs"]["agg"]
     assert mle["vocab_size"] == agg["vocab_size"] < 50257  # BPE ids of the train lines, renumbered
     assert mle["num_updates"] == agg["num_updates"] == 3 and agg["rare_group_size"] > 0
