@@ -176,7 +176,8 @@ def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, row
     rare, with 1 on each row's own target column, so
     (D * Gate)^T H = diag(g1) D^T H + diag(g2 - g1) D_r^T H_r + sum_r (1 - g2[y_r]) D[r, y_r] e_{y_r} h_r^T
     over the rows r whose target is rare. No (rows x vocabulary) gate is ever built: one matmul
-    over all rows, and one over whichever row set (rare or not) is smaller, which it corrects.
+    over all rows, and one over whichever row set (rare or not) is smaller and the columns of
+    rare tokens only, which it corrects.
     ``rare_rows_from`` promises that rows [rare_rows_from:] are exactly the rare-target rows
     (then the two row blocks cost one matmul in all).
     """
@@ -188,7 +189,7 @@ def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, row
             gated.addcmul_(g2.unsqueeze(1), grad_logits[split:].t().matmul(features[split:]).to(out_dtype))
         rare_rows = torch.arange(split, grad_logits.size(0), device=grad_logits.device)
     else:
-        full = grad_logits.t().matmul(features).to(out_dtype)
+        gated = _matmul(grad_logits.t(), features, out_dtype)
         rare_rows = rows.rare.nonzero().squeeze(1)
         if 2 * rare_rows.numel() <= rows.rare.numel():
             # Few rare-target rows (the usual case once training has run a while).
@@ -196,9 +197,24 @@ def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, row
         else:
             # Early in training nearly every target is rare: correct the rows that are not.
             base, delta, fewer = g2, g1 - g2, (~rows.rare).nonzero().squeeze(1)
-        gated = full.mul_(base.unsqueeze(1))
-        if fewer.numel() > 0:
-            gated.addmm_((grad_logits[fewer].to(out_dtype) * delta).t(), features[fewer].to(out_dtype))
+        # Only the columns of rare tokens are gated (base 1 and delta 0 elsewhere): the
+        # correction's matmul covers those columns of the fewer rows only (in a steady state,
+        # about a tenth of the rows and half the vocabulary).
+        gated_columns = ((base != 1) | (delta != 0)).nonzero().squeeze(1)
+        if gated_columns.numel() > 0:
+            lo, last = gated_columns[[0, -1]].tolist()
+            # Columns that form one range (all non-special tokens rare, early in training) are
+            # scaled and corrected in place in that slice of the result, without a temporary.
+            in_range = last + 1 - lo == gated_columns.numel()
+            block = slice(lo, last + 1) if in_range else slice(None)
+            gated[block].mul_(base[block].unsqueeze(1))
+            if fewer.numel() > 0:
+                d_fewer = grad_logits[fewer.unsqueeze(1), gated_columns].to(out_dtype).mul_(delta[gated_columns])
+                h_fewer = features[fewer].to(out_dtype)
+                if in_range:
+                    gated[block].addmm_(d_fewer.t(), h_fewer)
+                else:
+                    gated.index_add_(0, gated_columns, d_fewer.t().matmul(h_fewer))
     own = rows.own[rare_rows]
     mine = (own >= 0).nonzero().squeeze(1)
     if mine.numel() > 0:
