@@ -30,16 +30,21 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fairseq_agg import core  # noqa: E402
+from fairseq_agg.peak_memory import peak_live_bytes  # noqa: E402
 
-METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked", "torch_lce", "torch_lce_chunked"]
-ANCHORS = ["fairseq_ce", "torch_lce_chunked"]  # time and memory ratios are given against these
+METHODS = ["fairseq_ce", "naive_3logit", "agg", "agg_chunked", "torch_lce", "torch_lce_chunked", "linear_ce", "gated"]
+# time and memory ratios are given against these (linear_ce: the gated output layer's own anchor)
+ANCHORS = ["fairseq_ce", "torch_lce_chunked", "linear_ce"]
+NSPECIAL = 4  # fairseq's bos, pad, eos, unk: never rare
 
 
 def build_model(vocab, dim, layers, heads, device, dtype):
@@ -116,35 +121,26 @@ def torch_linear_cross_entropy_loss(model, sample, pad, chunked):
     )
 
 
-def peak_live_bytes(run, device):
-    """Peak of the tensor memory that ``run()`` allocates and holds at once: on CPU, what it
-    allocated minus what it freed of that (the profiler sees no free of an earlier block), at
-    its highest; on GPU, the peak of all allocated memory minus what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
+def linear_cross_entropy_loss(model, sample, pad):
+    """The model's ``nn.Linear`` output layer, then ``F.cross_entropy`` on its logits: the anchor
+    of the gated output layer."""
+    features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+    logits = model.decoder.output_projection(features)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), sample["target"].view(-1), ignore_index=pad,
+                           reduction="sum")
 
-    # kineto reports its own start and stop on stderr at every level below 6
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    # "[memory]" events are allocations (positive bytes) and frees (negative), in the order
-    # of their timestamps; sorted() keeps the recorded order of events with equal ones
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    if not events:
-        raise RuntimeError("torch's profiler recorded no allocation or free during the step: "
-                           "its peak memory is unknown")
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+
+def gated_layer_loss(model, sample, layer, agg, pad, bookkeeping):
+    """``GatedOutputLayer`` in place of the ``nn.Linear`` (the same weight), then the same
+    ``F.cross_entropy`` on its logits: what a model that computes its own loss runs under AGG."""
+    bookkeeping()
+    features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+    target = sample["target"]
+    with agg.targets(target.masked_fill(target == pad, agg.ignore_index)):
+        logits = layer(features)
+    # Counted as in training, then forgotten: the gates stay the steady state measured.
+    agg.discard_pending()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), target.view(-1), ignore_index=pad, reduction="sum")
 
 
 def timed_step(step, model, device):
@@ -206,10 +202,26 @@ def _quartiles(values):
     return [q1, q3]
 
 
-def run_config(args, vocab, tokens, device, dtype):
+def steady_counter(vocab, nspecial, tokens, window, generator):
+    """A token counter that has seen ``window`` updates of ``tokens`` Zipf-distributed targets:
+    the gates of a run well past its first epoch, whose rare group is the tail of the vocabulary
+    (with alpha 0.03, 22-61% of it at V = 32k-50k and 4096-8192 tokens per update; the table
+    gives the share of each run)."""
+    counter = core.TokenCounter(vocab, nspecial, window=window)
+    for _ in range(window):
+        counter.add(zipf_tokens((tokens,), vocab, nspecial, generator))
+        counter.commit()
+    return counter
+
+
+def build_steps(args, vocab, tokens, device, dtype):
+    """The model, its batch, the steady-state gates and one step function per method of
+    ``args.methods`` (each returns the loss of one forward; the caller runs its backward)."""
     from argparse import Namespace
 
     from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    from fairseq_agg.training import AdaptiveGradientGating
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -224,10 +236,7 @@ def run_config(args, vocab, tokens, device, dtype):
         "target": torch.roll(tokens_in, -1, dims=1),
         "ntokens": tokens,
     }
-    counter = core.TokenCounter(vocab, nspecial, window=args.window)
-    for _ in range(args.window):
-        counter.add(zipf_tokens((tokens,), vocab, nspecial, generator), pad)
-        counter.commit()
+    counter = steady_counter(vocab, nspecial, tokens, args.window, generator)
     gates = core.compute_gates(counter.average(), args.alpha, nspecial).to(device)
     # The per-update bookkeeping of AGG (count the targets, close the update, recompute the
     # gates) is timed with the AGG steps; it runs on a copy of the counter whose drift (the same
@@ -238,6 +247,10 @@ def run_config(args, vocab, tokens, device, dtype):
         bookkeeping_counter.add(sample["target"], pad)
         bookkeeping_counter.commit()
         core.compute_gates(bookkeeping_counter.average(), args.alpha, nspecial)
+    # The gated output layer's AGG holds the same counter, so the same gates.
+    agg = AdaptiveGradientGating(vocab, alpha=args.alpha, window=args.window, nspecial=nspecial)
+    agg.load_state_dict(counter.state_dict())
+    gated_layer = agg.gated_output_layer(model.decoder.output_projection)
     criterion = CrossEntropyCriterion(Namespace(target_dictionary=dictionary), sentence_avg=False)
     steps = {
         "fairseq_ce": lambda: fairseq_ce_loss(model, sample, criterion),
@@ -247,19 +260,120 @@ def run_config(args, vocab, tokens, device, dtype):
                                         bookkeeping),
         "torch_lce": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=False),
         "torch_lce_chunked": lambda: torch_linear_cross_entropy_loss(model, sample, pad, chunked=True),
+        "linear_ce": lambda: linear_cross_entropy_loss(model, sample, pad),
+        "gated": lambda: gated_layer_loss(model, sample, gated_layer, agg, pad, bookkeeping),
     }
-    rare_rows = float(gates.rare[sample["target"]].float().mean())
-    steps = {name: steps[name] for name in args.methods}
-    results = measure_all(steps, model, device, args.warmup, args.steps, args.naive_steps)
+    return Namespace(model=model, sample=sample, gates=gates, steps={name: steps[name] for name in args.methods})
+
+
+def run_config(args, vocab, tokens, device, dtype):
+    bench = build_steps(args, vocab, tokens, device, dtype)
+    rare_rows = float(bench.gates.rare[bench.sample["target"]].float().mean())
+    results = measure_all(bench.steps, bench.model, device, args.warmup, args.steps, args.naive_steps)
     for name, r in results.items():
-        print(f"  {name:<13} {r.get('time_s', float('nan')) * 1e3:9.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB",
+        print(f"  {name:<17} {r.get('time_s', float('nan')) * 1e3:9.1f} ms  {r['peak_bytes'] / 2**20:9.1f} MiB",
               file=sys.stderr, flush=True)
     chunk_rows = core.auto_chunk_rows(tokens, vocab, args.dim) if args.chunk == "auto" else int(args.chunk)
-    return {"vocab": vocab, "tokens": tokens, "rare_tokens": gates.num_rare, "rare_target_fraction": rare_rows,
+    return {"vocab": vocab, "tokens": tokens, "rare_tokens": bench.gates.num_rare,
+            "rare_token_fraction": bench.gates.num_rare / vocab, "rare_target_fraction": rare_rows,
             "agg_chunk_rows": chunk_rows, "methods": results}
 
 
-def main(argv=None):
+# -- the vocabulary-parallel loss ----------------------------------------------------------------
+def vocab_parallel_inputs(args, vocab, tokens, dtype):
+    """An output layer, its features, Zipf labels and an AGG whose counter is in the steady state
+    of the main benchmark: the same in every process (seeded), as tensor parallelism needs."""
+    from fairseq_agg.training import AdaptiveGradientGating
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(args.dim, vocab, bias=False, dtype=dtype)
+    hidden = torch.randn(tokens, args.dim, generator=generator).to(dtype).requires_grad_()
+    labels = zipf_tokens((tokens,), vocab, NSPECIAL, generator)
+    agg = AdaptiveGradientGating(vocab, alpha=args.alpha, window=args.window, nspecial=NSPECIAL,
+                                 chunk_size=None if args.chunk == "auto" else int(args.chunk))
+    agg.load_state_dict(steady_counter(vocab, NSPECIAL, tokens, args.window, generator).state_dict())
+    return head, hidden, labels, agg
+
+
+def agg_loss_peak(head, hidden, labels, agg, vocab_parallel):
+    """Peak bytes of one forward and backward of ``agg.loss`` (after one that is not measured)."""
+    def step():
+        agg.loss(hidden, head.weight, labels, reduction="sum", vocab_parallel=vocab_parallel).backward()
+        agg.discard_pending()  # counted as in training, then forgotten: the gates stay as measured
+
+    step()
+    head.weight.grad = hidden.grad = None
+    return peak_live_bytes(step, torch.device("cpu"))
+
+
+def vocab_parallel_worker(args, dtype):
+    """One process of ``--vocab-parallel`` (under torchrun): the output layer sharded over the
+    vocabulary by ``ColwiseParallel``; its peak for every shape, written to ``DIR/rank<R>.json``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            head, hidden, labels, agg = vocab_parallel_inputs(args, vocab, tokens, dtype)
+            parallelize_module(head, mesh, ColwiseParallel())
+            results.append({"vocab": vocab, "tokens": tokens, "local_rows": head.weight.to_local().size(0),
+                            "peak_bytes": agg_loss_peak(head, hidden, labels, agg, vocab_parallel=True)})
+    with open(os.path.join(args.vocab_parallel_worker, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def vocab_parallel(args, dtype):
+    """``--vocab-parallel N``: the peak memory of ``agg.loss`` in one process with the whole
+    weight, then per process of ``torchrun --nproc-per-node N`` (gloo) with ``vocab_parallel=True``."""
+    rows = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            head, hidden, labels, agg = vocab_parallel_inputs(args, vocab, tokens, dtype)
+            rows.append({"vocab": vocab, "tokens": tokens, "dim": args.dim, "rare_tokens": agg.num_rare,
+                         "one_process_peak_bytes": agg_loss_peak(head, hidden, labels, agg, vocab_parallel=False)})
+    shapes = ["--vocab", *map(str, args.vocab), "--tokens", *map(str, args.tokens), "--dim", str(args.dim),
+              "--alpha", str(args.alpha), "--window", str(args.window), "--chunk", str(args.chunk),
+              "--dtype", args.dtype]
+    # torchrun gives each process one thread unless told otherwise: the cores shared out
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // args.vocab_parallel)))
+    with tempfile.TemporaryDirectory(prefix="bench-vocab-parallel-") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             str(args.vocab_parallel), os.path.abspath(__file__), "--vocab-parallel-worker", out, *shapes],
+            env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench.py: the {args.vocab_parallel} torchrun processes failed (exit {proc.returncode}); "
+                     f"their output ends:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        ranks = []
+        for rank in range(args.vocab_parallel):
+            with open(os.path.join(out, f"rank{rank}.json")) as f:
+                ranks.append(json.load(f))
+    for row, per_rank in zip(rows, zip(*ranks)):
+        row["per_process_peak_bytes"] = [r["peak_bytes"] for r in per_rank]
+        row["local_rows"] = [r["local_rows"] for r in per_rank]
+        row["ratio"] = max(row["per_process_peak_bytes"]) / row["one_process_peak_bytes"]
+    print(f"agg.loss forward and backward, peak MiB: one process with the whole weight, and each of "
+          f"{args.vocab_parallel} processes with its 1/{args.vocab_parallel} (ColwiseParallel, "
+          f"vocab_parallel=True, gloo); {args.dtype}, d={args.dim}, chunk rows {args.chunk}")
+    print("| vocab | tokens | rare tokens | one process MiB | per process MiB (each rank) | per process / one |")
+    print("|---|---|---|---:|---:|---:|")
+    for row in rows:
+        each = ", ".join(f"{b / 2**20:.1f}" for b in row["per_process_peak_bytes"])
+        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} ({row['rare_tokens'] / row['vocab']:.0%}) | "
+              f"{row['one_process_peak_bytes'] / 2**20:.1f} | {each} | {row['ratio']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"vocab_parallel": args.vocab_parallel, "dtype": args.dtype, "dim": args.dim, "results": rows},
+                      f, indent=2)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -280,9 +394,29 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method, interleaved")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--vocab-parallel", type=int, default=None, metavar="N",
+                        help="instead: the peak memory of agg.loss with the output layer sharded over the vocabulary "
+                             "on N CPU processes (torchrun, gloo; launched here) against one process")
+    parser.add_argument("--vocab-parallel-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    if args.vocab_parallel is not None:
+        if args.vocab_parallel < 2:
+            parser.error(f"--vocab-parallel needs 2 or more processes, got {args.vocab_parallel}")
+        if args.device != "cpu":
+            parser.error("--vocab-parallel runs on CPU processes (gloo): leave --device out")
+        if min(args.vocab) < args.vocab_parallel:
+            parser.error(f"--vocab {min(args.vocab)} has fewer rows than --vocab-parallel {args.vocab_parallel} processes")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.vocab_parallel_worker:
+        return vocab_parallel_worker(args, dtype)
+    if args.vocab_parallel:
+        return vocab_parallel(args, dtype)
+    device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}, dtype: {args.dtype}, model: {args.layers} layers d={args.dim}", file=sys.stderr)
     rows = []
@@ -318,7 +452,8 @@ def main(argv=None):
             t_note = f" ({' / '.join(t_ratios)})" if anchors else ""
             m_note = f" ({' / '.join(m_ratios)})" if anchors else ""
             cells += [f"{r['time_s'] * 1e3:.1f}{t_note}", f"{r['peak_bytes'] / 2**20:.1f}{m_note}"]
-        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} | {row['rare_target_fraction']:.1%} | "
+        print(f"| {row['vocab']} | {row['tokens']} | {row['rare_tokens']} ({row['rare_token_fraction']:.0%}) | "
+              f"{row['rare_target_fraction']:.1%} | "
               + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
