@@ -531,7 +531,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, target, rare, g1, g2, epsilon, ignore_index, chunk_rows,
-                ul_rows, ul_tokens, ul_alpha, rare_rows_from, shard):
+                ul_rows, ul_tokens, ul_alpha, rare_rows_from, shard, row_order):
         rows_total, local_rows = features.size(0), weight.size(0)
         vocab = shard.vocab_size if shard is not None else local_rows
         first_row = shard.start if shard is not None else 0
@@ -559,7 +559,10 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             bounds = torch.searchsorted(ul_rows, starts).tolist()
         for chunk, start in enumerate(range(0, rows_total, chunk_rows)):
             end = min(start + chunk_rows, rows_total)
-            h, y = features[start:end], target[start:end]
+            # The chunk's rows of the features, in ``row_order`` when given (the features are
+            # never copied whole; their gradient is written back to the same rows).
+            rows = slice(start, end) if row_order is None else row_order[start:end]
+            h, y = features[rows], target[start:end]
             valid = y != ignore_index if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
             # Each row's target as a column of this shard (0 where the row has none here), and
             # whether it has one: the target's logit and its gradient live on one shard only.
@@ -614,9 +617,8 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             if epsilon > 0:
                 grad_logits -= (eps_i * valid_acc).unsqueeze(1)
             if need_h:
-                grad_features[start:end] = _matmul(_scaled(grad_logits, mm_dtype, mm_scale), weight_mm, acc_dtype)
-                if mm_scale != 1.0:
-                    grad_features[start:end] /= mm_scale
+                grad_h = _matmul(_scaled(grad_logits, mm_dtype, mm_scale), weight_mm, acc_dtype)
+                grad_features[rows] = grad_h / mm_scale if mm_scale != 1.0 else grad_h
             if not need_w:
                 continue
             h_mm = h.to(mm_dtype)
@@ -662,7 +664,7 @@ class _ChunkedGatedLoss(torch.autograd.Function):
             grad_features = grad_features.mul_(grad_loss).to(features_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
-        return (grad_features, grad_weight) + (None,) * 12
+        return (grad_features, grad_weight) + (None,) * 13
 
 
 FLOAT16_GRADIENT_SCALE = 2.0 ** 10  # |d loss / d logits| <= 1 + epsilon: far below 65504 scaled
@@ -753,14 +755,13 @@ def chunked_gated_loss(
         # Parameters still say requires_grad under no_grad: don't compute their gradients.
         features, weight = features.detach(), weight.detach()
     rare, g1, g2 = (gates.rare, gates.g1, gates.g2) if gates is not None else (None, None, None)
-    rare_rows_from = None
+    rare_rows_from = row_order = None
     if gates is not None and _orders_rare_rows(features.device):
-        features, target, unlikelihood, rare_rows_from = _rare_rows_last(
-            features, target, gates, unlikelihood, ignore_index)
+        row_order, target, unlikelihood, rare_rows_from = _rare_rows_last(target, gates, unlikelihood, ignore_index)
     ul_rows, ul_tokens = unlikelihood if unlikelihood is not None else (None, None)
     return _ChunkedGatedLoss.apply(
         features, weight, target, rare, g1, g2, float(label_smoothing), ignore_index, int(chunk_rows),
-        ul_rows, ul_tokens, float(unlikelihood_alpha), rare_rows_from, shard,
+        ul_rows, ul_tokens, float(unlikelihood_alpha), rare_rows_from, shard, row_order,
     )
 
 
@@ -770,11 +771,11 @@ def _orders_rare_rows(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _rare_rows_last(features, target, gates: Gates, pairs, ignore_index: Optional[int] = None):
-    """The rows reordered so that those whose target is rare come last (the loss is a sum over
+def _rare_rows_last(target, gates: Gates, pairs, ignore_index: Optional[int] = None):
+    """An order of the rows in which those whose target is rare come last (the loss is a sum over
     rows, so their order is free): W's gated gradient then needs no per-entry gate. Returns
-    (features, target, unlikelihood pairs remapped with rows ascending, index of the first row
-    with a rare target). Rows whose target is ``ignore_index`` count as not rare."""
+    (the order, the targets in it, unlikelihood pairs remapped with rows ascending, index of the
+    first row with a rare target). Rows whose target is ``ignore_index`` count as not rare."""
     valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     row_is_rare = gates.rare[torch.where(valid, target, torch.zeros_like(target))] & valid
     order = torch.argsort(row_is_rare.to(torch.uint8), stable=True)
@@ -785,7 +786,7 @@ def _rare_rows_last(features, target, gates: Gates, pairs, ignore_index: Optiona
         rows = new_row[pairs[0]]
         ascending = torch.argsort(rows, stable=True)
         pairs = (rows[ascending], pairs[1][ascending])
-    return features[order], target[order], pairs, rare_rows_from
+    return order, target[order], pairs, rare_rows_from
 
 
 MIN_AUTO_CHUNK_ROWS = 256
@@ -837,7 +838,8 @@ def gated_loss(
     if gates is not None:
         # Rows with a rare target last: the backward gates W's gradient with two matmuls over
         # row blocks.
-        features, flat_target, pairs, rare_rows_from = _rare_rows_last(features, flat_target, gates, pairs, ignore_index)
+        order, flat_target, pairs, rare_rows_from = _rare_rows_last(flat_target, gates, pairs, ignore_index)
+        features = features[order]
     lprobs = log_probs(gated_linear(features, weight, flat_target, gates, rare_rows_from, ignore_index))
     loss, nll = label_smoothed_nll_loss(lprobs, flat_target, label_smoothing, ignore_index)
     if pairs is None:

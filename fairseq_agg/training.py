@@ -366,7 +366,8 @@ class AdaptiveGradientGating(nn.Module):
         keep = (flat_labels != self.ignore_index).nonzero().squeeze(1)
         targets = flat_labels.index_select(0, keep)
         self._check_label_range(targets)
-        features = flat_hidden.index_select(0, keep)
+        # Not copied where none is (every process of a vocabulary-parallel loss holds them whole).
+        features = flat_hidden if keep.numel() == flat_labels.numel() else flat_hidden.index_select(0, keep)
         grad = torch.is_grad_enabled()
         if grad and self.training:
             self._count_loss_call(targets, counts_labels)
