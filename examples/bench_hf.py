@@ -10,33 +10,26 @@ counter's commit), timed between the ``on_step_begin`` and ``on_step_end`` callb
 loss) and ``agg_chunked`` (``AggTrainer(agg_chunk_size=...)``, never all logits at once).
 Time: the methods run in paired rounds (rotating order, ``--steps`` steps each); per method
 the median step time, and the median (and quartiles) over rounds of the ratio of a round's
-median to the stock Trainer's in the same round. Memory: peak resident memory during one step
-above the resident memory at its start, measured in a child process per method with
-``MALLOC_MMAP_THRESHOLD_`` set so that large blocks go back to the OS when freed (as
-``scripts/bench.py`` measures CPU memory). Data: the shipped WikiText-2 slice through the
+median to the stock Trainer's in the same round. Memory: the peak of the tensor memory one step
+allocates and holds at once, from torch's profiler (``fairseq_agg.peak_memory``, as
+``scripts/bench.py`` measures it: exact, never negative), in one more run per method after the
+timed rounds (the last of its steps). Data: the shipped WikiText-2 slice through the
 shipped GPT-2 BPE, so the rare tokens are those of real text.
 """
 import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fairseq_agg.peak_memory import PeakMemory
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("stock", "agg", "agg_chunked")
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def build(method, args, out_dir):
@@ -56,20 +49,22 @@ def build(method, args, out_dir):
     train = Blocks(ids, args.seq_len)
 
     class StepTimer(TrainerCallback):
+        """Each step's time, and with ``measure_memory`` its peak bytes (the profiler slows the
+        step, so the two are taken in separate runs)."""
+
         def __init__(self):
             self.times, self.peaks = [], []
+            self.measure_memory = False
 
         def on_step_begin(self, *a, **k):
-            if args.memory:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets the peak resident set (VmHWM) to the current one
-                self.base = _status_kb("VmRSS")
+            if self.measure_memory:
+                self.meter = PeakMemory("cpu").start()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
-            if args.memory:
-                self.peaks.append((_status_kb("VmHWM") - self.base) * 1024)
+            if self.measure_memory:
+                self.peaks.append(self.meter.stop())
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len + 1, n_embd=args.dim, n_layer=args.layers,
@@ -91,12 +86,14 @@ def build(method, args, out_dir):
     return trainer, timer
 
 
-def memory_child(args, method):
-    """Peak bytes of one step above its start, in a fresh process (after warm-up steps)."""
-    argv = [sys.executable, __file__, "--child-memory", method, *args.passthrough]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-    out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+def step_peak_bytes(trainer, timer):
+    """Peak bytes of the last step of one more run of ``trainer`` (its optimizer state made)."""
+    timer.measure_memory, timer.peaks = True, []
+    try:
+        trainer.train()
+    finally:
+        timer.measure_memory = False
+    return timer.peaks[-1]
 
 
 def main(argv=None):
@@ -115,21 +112,11 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--child-memory", choices=METHODS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    args.passthrough = [a for k in ("vocab", "dim", "layers", "seq_len", "batch", "alpha", "chunk", "lines", "threads")
-                        for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     torch.set_num_threads(args.threads)
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="bench_hf_"))
-    if args.child_memory:
-        args.memory, args.steps = True, 3
-        trainer, timer = build(args.child_memory, args, work)
-        trainer.train()
-        print(json.dumps({"peak_bytes": timer.peaks[-1]}))
-        return None
-    args.memory = False
     trainers = {m: build(m, args, work / m) for m in args.methods}
     for trainer, _ in trainers.values():  # warm-up (and a filled AGG counter)
         trainer.train()
@@ -143,7 +130,7 @@ def main(argv=None):
             trainer.train()
             steps[m] += timer.times
             medians[m].append(statistics.median(timer.times))
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("passthrough", "json", "child_memory")},
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
                "torch": torch.__version__, "cpu_count": os.cpu_count(), "methods": {}}
     for m in args.methods:
         entry = {"median_step_ms": 1e3 * statistics.median(steps[m])}
@@ -152,7 +139,7 @@ def main(argv=None):
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
             entry.update(time_ratio=statistics.median(ratios), time_ratio_quartiles=[q[0], q[2]])
         if not args.no_memory:
-            entry["peak_mib"] = memory_child(args, m) / 2**20
+            entry["peak_mib"] = step_peak_bytes(*trainers[m]) / 2**20
         results["methods"][m] = entry
     if "agg" in trainers:
         results["agg_rare_tokens"] = trainers["agg"][0].agg.num_rare
