@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Step time and peak memory of the output layer + loss: fairseq's ``cross_entropy``, the
-paper's naive three-logit AGG, fairseq-agg's AGG (one logits tensor, and chunked) and torch's
-``F.linear_cross_entropy`` (reference path, and chunked with ``LinearCrossEntropyOptions``).
+paper's naive three-logit AGG, fairseq-agg's AGG (one logits tensor, and chunked), torch's
+``F.linear_cross_entropy`` (reference path, and chunked with ``LinearCrossEntropyOptions``), and
+AGG's gated output layer (``gated``: ``GatedOutputLayer``, then ``F.cross_entropy`` on its
+logits, as a model that computes its own loss runs it) beside its anchor ``linear_ce``
+(``nn.Linear``, then the same ``F.cross_entropy``).
 
 Each measurement is one training step (forward and backward) of the same model on the same
 batch: a ``transformer_lm`` decoder whose size you choose, a vocabulary of V tokens and
@@ -10,10 +13,22 @@ AGG gates coming from a token counter fed with such batches.
 
     python scripts/bench.py                              # CPU, a quick grid
     python scripts/bench.py --device cuda --dtype fp16 --vocab 44256 --tokens 8192 --dim 1024 --layers 24
+    python scripts/bench.py --vocab 32000 --tokens 4096 --dim 512 --layers 1 --methods linear_ce gated
+    python scripts/bench.py --vocab 50000 --tokens 8192 --dim 1024 --vocab-parallel 2
+
+``--vocab-parallel N`` measures instead the peak memory of ``agg.loss`` (forward and backward)
+in this process with the whole weight, then in each of N CPU processes that it starts with
+``torchrun`` (gloo) with the weight sharded over the vocabulary by ``ColwiseParallel`` and
+``vocab_parallel=True``, and prints both and their ratio.
+
+The gates are those of a steady state: the counter has seen ``--window`` (20) updates of
+``--tokens`` Zipf-distributed targets, so that at alpha 0.03 the rare group is the tail of the
+vocabulary (22-61% of it at V = 32k-50k and 4096-8192 tokens; the table gives each run's share).
 
 Prints a table and writes JSON (--json). Times are medians over --steps steps after
---warmup steps; ratios are against fairseq's cross_entropy in the same run: for the methods
-timed round by round with it, the median over rounds of each round's ratio, with its
+--warmup steps; ratios are against each anchor in the run (fairseq's cross_entropy, torch's
+chunked path, linear_ce): for the methods timed round by round with it, the median over
+rounds of each round's ratio, with its
 quartiles (cheaper to make steady on a busy machine than a ratio of medians). Peak memory is
 the peak of the tensor memory one step holds beyond what was allocated before it:
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak of the running sum of the step's
@@ -204,9 +219,7 @@ def _quartiles(values):
 
 def steady_counter(vocab, nspecial, tokens, window, generator):
     """A token counter that has seen ``window`` updates of ``tokens`` Zipf-distributed targets:
-    the gates of a run well past its first epoch, whose rare group is the tail of the vocabulary
-    (with alpha 0.03, 22-61% of it at V = 32k-50k and 4096-8192 tokens per update; the table
-    gives the share of each run)."""
+    the gates of a run well past its first epoch (the module's docstring gives the rare share)."""
     counter = core.TokenCounter(vocab, nspecial, window=window)
     for _ in range(window):
         counter.add(zipf_tokens((tokens,), vocab, nspecial, generator))
