@@ -96,14 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_inputs(args) -> List[Path]:
-    count = args.num_update_checkpoints or args.num_epoch_checkpoints
+    by_update = args.num_update_checkpoints is not None
+    count = args.num_update_checkpoints if by_update else args.num_epoch_checkpoints
     if count is None:
         return list(args.inputs)
     if count < 1:
-        raise AverageError("--num-update-checkpoints / --num-epoch-checkpoints must be positive")
+        option = "--num-update-checkpoints" if by_update else "--num-epoch-checkpoints"
+        raise AverageError(f"{option} must be a positive number of checkpoints, got {count}")
     if len(args.inputs) != 1 or not args.inputs[0].is_dir():
         raise AverageError("with --num-update-checkpoints or --num-epoch-checkpoints, --inputs is one save directory")
-    return last_checkpoints(args.inputs[0], count, by_update=args.num_update_checkpoints is not None)
+    return last_checkpoints(args.inputs[0], count, by_update=by_update)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,7 +9,7 @@ from fairseq_agg.core import TokenCounter, compute_gates
 from fairseq_agg.errors import AggConfigError
 from fairseq_agg.fairseq_fixes import saved_counter_state
 
-from _fairseq import binarize_lm, build, fairseq_train, train_args
+from _fairseq import USER_DIR, binarize_lm, build, fairseq_train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,20 @@ def test_adaptive_softmax_is_refused(lm_data):
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=256).next_epoch_itr(shuffle=False)
     criterion.train()
     with pytest.raises(ValueError, match="do not support --adaptive-softmax-cutoff"):
+        criterion(model, next(iter(itr)))
+
+
+def test_a_decoder_without_an_output_projection_is_refused_before_its_forward(lm_data):
+    """lstm_lm's decoder takes no features_only: the refusal must come before the forward."""
+    args = [lm_data["a"], "--user-dir", USER_DIR, "--task", "language_modeling_agg", "--arch", "lstm_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-hidden-size", "16",
+            "--decoder-out-embed-dim", "16", "--criterion", "agg_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
+            "--tokens-per-sample", "16", "--max-tokens", "256", "--cpu", "--no-save", "--disable-validation"]
+    task, model, criterion = build(args)
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=256).next_epoch_itr(shuffle=False)
+    criterion.train()
+    with pytest.raises(ValueError, match="need decoder.output_projection to be a bias-free nn.Linear"):
         criterion(model, next(iter(itr)))
 
 

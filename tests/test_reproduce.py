@@ -512,3 +512,10 @@ def test_average_refuses_too_few_or_mismatched_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="other model entries"):
         avg.average_checkpoints([tmp_path / "other.pt", tmp_path / "checkpoint_1_10.pt"])
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("option", ["--num-update-checkpoints", "--num-epoch-checkpoints"])
+def test_a_count_of_zero_checkpoints_is_named_as_such(tmp_path, option):
+    args = avg.build_parser().parse_args(["--inputs", str(tmp_path), option, "0", "--output", str(tmp_path / "a.pt")])
+    with pytest.raises(avg.AverageError, match=f"^average_checkpoints: {option} must be a positive number of checkpoints, got 0$"):
+        avg.resolve_inputs(args)

@@ -77,10 +77,13 @@ def check_loss_options(label_smoothing: float, loss_chunk_size: Optional[int]) -
 def objective(criterion, model, sample, gates, label_smoothing, unlikelihood_alpha, loss_chunk_size,
               sentence_avg, log_unlikelihood):
     """One decoder pass and ``core.gated_loss``: what every criterion of the plug-in returns."""
+    # Before the forward: a decoder without the output layer AGG needs (lstm_lm) is refused in
+    # one line instead of failing on features_only.
+    weight = output_projection_weight(model)
     features, extra = model(**sample["net_input"], features_only=True)
     loss, nll, ul = core.gated_loss(
         features.reshape(-1, features.size(-1)),
-        output_projection_weight(model),
+        weight,
         model.get_targets(sample, (features, extra)),
         gates,
         ignore_index=criterion.padding_idx,

@@ -73,7 +73,8 @@ def _group_runs(args) -> "OrderedDict[str, List[Tuple[Path, Dict]]]":
         loaded.append((path, result))
     if args.names:
         if len(args.names) != len(loaded):
-            raise EvalError(f"--names gives {len(args.names)} names for {len(loaded)} runs")
+            raise EvalError(f"--names gives {len(args.names)} name{'s' if len(args.names) != 1 else ''} for "
+                            f"{len(loaded)} runs: give one name per run, in the order of the runs")
         names = list(args.names)
     else:
         names = [result.get("name") or path.parent.name for path, result in loaded]
