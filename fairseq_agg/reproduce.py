@@ -447,6 +447,18 @@ class Runner:
         # the interpreter's path (python, python3, a venv's) is no part of what a step computes
         return (stamp.get("command") or [None])[1:] == step.command[1:]
 
+    @staticmethod
+    def _reached_max_update(step: Step) -> bool:
+        from fairseq_agg.checkpoints import training_progress
+
+        given = [value for option, value in zip(step.command, step.command[1:]) if option == "--max-update"]
+        try:
+            max_update = int(given[-1])  # argparse: the last one given wins (a --smoke schedule over a config's)
+        except (ValueError, IndexError):
+            return False
+        progress = training_progress(step.done_when)
+        return progress is not None and 0 < max_update <= progress.num_updates
+
     def run(self, step: Step, force: bool = False) -> bool:
         """Runs the step unless it is done; True if it ran."""
         stamp = self._read_stamp(step)
@@ -460,6 +472,11 @@ class Runner:
             say(f"{step.who}: {step.what} done before, reusing {step.done_when}")
             return False
         resuming = step.what == "train" and trained
+        if resuming and same and not force and self._reached_max_update(step):
+            # interrupted between its last checkpoint and its stamp: fairseq would refuse to train on
+            step.stamp.write_text(json.dumps(dict(stamp, finished=True), indent=1) + "\n")
+            say(f"{step.who}: train had reached --max-update before it was interrupted, reusing {step.done_when}")
+            return False
         step.log.parent.mkdir(parents=True, exist_ok=True)
         if step.before:
             step.before()

@@ -15,6 +15,7 @@ import torch
 
 from fairseq_agg import average_checkpoints as avg
 from fairseq_agg import reproduce
+from fairseq_agg.checkpoints import seal
 from fairseq_agg.fairseq_fixes import saved_counter_state
 from fairseq_agg.workdir import stamp_owner
 
@@ -109,15 +110,31 @@ def test_table3_smoke_has_the_papers_rows_and_columns(table3, lm_out):
 
 
 def test_table6_reuses_the_table3_models_and_resumes_an_unfinished_one(table3, lm_out):
-    # as if lm_mle's training had been interrupted after its last checkpoint
-    stamp = lm_out / "runs" / "lm_mle" / "train.json"
-    stamp.write_text(json.dumps(dict(json.loads(stamp.read_text()), finished=False)))
+    run_dir = lm_out / "runs" / "lm_mle"
+    stamp = run_dir / "train.json"
+    finished = json.loads(stamp.read_text())
+
+    # interrupted after its last checkpoint: nothing is left to train, and fairseq would refuse to
+    stamp.write_text(json.dumps(dict(finished, finished=False)))
+    proc = run_ok("6", "--smoke", "--out", lm_out)
+    assert "lm_mle: train had reached --max-update before it was interrupted" in proc.stdout
+    assert "lm_mle: eval done before" in proc.stdout and json.loads(stamp.read_text())["finished"]
+
+    # interrupted half-way: the checkpoint says 10 of its 20 updates
+    last = run_dir / "checkpoint_last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["optimizer_history"][-1]["num_updates"] = 10
+    torch.save(state, last)
+    seal(last)
+    stamp.write_text(json.dumps(dict(finished, finished=False)))
     proc = run_ok("6", "--smoke", "--out", lm_out)
     assert "lm_agg: train done before" in proc.stdout and "lm_agg: eval done before" in proc.stdout
     assert "lm_mle: train (resuming from checkpoint_last.pt)" in proc.stdout
     assert "lm_mle: eval finished" in proc.stdout  # on the resumed checkpoint
-    log = (lm_out / "runs" / "lm_mle" / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
     assert "Loaded checkpoint" in log and log.count("done training") == 2
+    resumed = log[log.index("Loaded checkpoint"):]
+    assert "num_updates=15," in resumed and "Stopping training due to num_updates: 20 >= max_update: 20" in resumed
     rows = table_rows(section((lm_out / "table6.md").read_text(), "Ours"), "| Dataset | MLE | AGG |")
     assert list(rows) == ["MEN", "WS353", "RG65", "RW"]
 
