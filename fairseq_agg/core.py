@@ -209,11 +209,13 @@ def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, row
             block = slice(lo, last + 1) if in_range else slice(None)
             gated[block].mul_(base[block].unsqueeze(1))
             if fewer.numel() > 0:
-                d_fewer = grad_logits[fewer.unsqueeze(1), gated_columns].to(out_dtype).mul_(delta[gated_columns])
                 h_fewer = features[fewer].to(out_dtype)
                 if in_range:
+                    # whole rows are copied faster than a two-index gather; the range is a view of them
+                    d_fewer = grad_logits.index_select(0, fewer).to(out_dtype)[:, block].mul_(delta[block])
                     gated[block].addmm_(d_fewer.t(), h_fewer)
                 else:
+                    d_fewer = grad_logits[fewer.unsqueeze(1), gated_columns].to(out_dtype).mul_(delta[gated_columns])
                     gated.index_add_(0, gated_columns, d_fewer.t().matmul(h_fewer))
     own = rows.own[rare_rows]
     mine = (own >= 0).nonzero().squeeze(1)

@@ -679,14 +679,29 @@ def test_chunked_gated_loss_matches_eq23(eps, chunk_rows):
     assert max_diff(H.grad, D @ W.detach()) <= 1e-12
 
 
-def test_gated_linear_arbitrary_upstream_gradient():
-    """Not tied to softmax: for any upstream R, grad_W = (R * Gate)^T H and grad_H = R W."""
+def _tail_gates(N, first_rare, seed):
+    """Rare tokens as one range, as in a dictionary sorted by frequency."""
+    gen = torch.Generator().manual_seed(seed)
+    rare = torch.arange(N) >= first_rare
+    a = torch.rand(N, generator=gen) * 0.5
+    return core.Gates(rare, torch.where(rare, a, torch.ones(N)), torch.where(rare, 2 * a, torch.ones(N)))
+
+
+@pytest.mark.parametrize("rare_columns", ["scattered", "one range"])
+@pytest.mark.parametrize("rare_rows", ["few", "most"])
+def test_gated_linear_arbitrary_upstream_gradient(rare_columns, rare_rows):
+    """Not tied to softmax: for any upstream R, grad_W = (R * Gate)^T H and grad_H = R W, whichever
+    side (rare-target rows or the others) the correction runs over, and whether the gated
+    columns form one range (corrected in place) or not."""
     torch.manual_seed(1)
     M, d, N = 25, 6, 17
     H = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
     W = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
-    gates = _plain_gates(N, 4, 2)
-    y = torch.randint(4, N, (M,))
+    gates = _plain_gates(N, 4, 2) if rare_columns == "scattered" else _tail_gates(N, 9, 2)
+    rare_ids, other_ids = gates.rare.nonzero().squeeze(1), (~gates.rare).nonzero().squeeze(1)
+    mostly, seldom = (rare_ids, other_ids) if rare_rows == "most" else (other_ids, rare_ids)
+    y = mostly[torch.randint(0, len(mostly), (M,))]
+    y[::6] = seldom[torch.randint(0, len(seldom), (len(y[::6]),))]
     R = torch.randn(M, N, dtype=torch.float64)
     (core.gated_linear(H, W, y, gates) * R).sum().backward()
     ref = RefGates(gates.rare, gates.g1, gates.g2)
