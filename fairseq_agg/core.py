@@ -211,8 +211,8 @@ def gated_weight_gradient(grad_logits: torch.Tensor, features: torch.Tensor, row
             if fewer.numel() > 0:
                 h_fewer = features[fewer].to(out_dtype)
                 if in_range:
-                    # whole rows are copied faster than a two-index gather; the range is a view of them
-                    d_fewer = grad_logits.index_select(0, fewer).to(out_dtype)[:, block].mul_(delta[block])
+                    # a row copy of the range is cheaper than a two-index gather (20 ms against 39 at 370 x 39k)
+                    d_fewer = grad_logits[:, block].index_select(0, fewer).to(out_dtype).mul_(delta[block])
                     gated[block].addmm_(d_fewer.t(), h_fewer)
                 else:
                     d_fewer = grad_logits[fewer.unsqueeze(1), gated_columns].to(out_dtype).mul_(delta[gated_columns])
