@@ -413,7 +413,7 @@ _COMPOUND = re.compile(r"(\S)-(\S)")
 
 
 def split_compounds(line: str) -> str:
-    """``a-b`` -> ``a ##AT##-##AT## b``: the compound splitting of the WMT14 En-De papers,
+    r"""``a-b`` -> ``a ##AT##-##AT## b``: the compound splitting of the WMT14 En-De papers,
     exactly as fairseq's compound_split_bleu.sh (``perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g'``):
     one left-to-right pass, so in ``a-b-c`` only the first hyphen is split, as there."""
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
