@@ -4,7 +4,7 @@ single-pass gated output projection.
 Nothing here imports fairseq, so the math can be tested (and reused) on its own.
 The fairseq criteria and tasks in this package are thin adapters around it.
 
-Conventions (see README, "Exact semantics"):
+Conventions (docs/semantics.md):
 
 * ``N``: vocabulary size, ``d``: model dimension, ``M``: number of positions.
 * ``avg[k]``: average count of token ``k`` per completed update over the window.

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens per update (default: %(default)s)")
     p.add_argument("--tokens-per-sample", type=int, default=TOKENS_PER_SAMPLE, help="(default: %(default)s)")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["mle", "agg"],
-                   help="models to train (default: mle agg); the remedies comparison of the README is "
+                   help="models to train (default: mle agg); the remedies comparison of docs/results.md is "
                    "--runs " + " ".join(RUNS))
     p.add_argument("--cosreg-gamma", type=float, default=1.0, help="CosReg weight of the cosreg run (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2,

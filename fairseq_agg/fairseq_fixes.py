@@ -2,7 +2,7 @@
 imported (``--user-dir fairseq_agg``, or any import of :mod:`fairseq_agg` with fairseq installed).
 
 Each fix wraps one fairseq function and changes nothing else; stock runs without the plug-in are
-untouched. What they fix (README, "Long runs: precision, interruptions, resumes"):
+untouched. What they fix (docs/fairseq.md, "Long runs"):
 
 * ``--bf16`` is not TPU: ``options.parse_args_and_arch`` sets ``args.tpu = True`` whenever
   ``--bf16`` or ``--memory-efficient-bf16`` is given, which sends a GPU (or CPU) run down the XLA

@@ -16,7 +16,7 @@
 ``torch.nn.functional.cross_entropy(..., label_smoothing=eps)`` and Hugging Face's Trainer
 define it), the same value and the same gradient for ``hidden`` and everything below it; only
 the gradient that ``weight`` receives through this output projection is gated, exactly as the
-fairseq criterion ``agg_cross_entropy`` gates it (README, "Exact semantics"). The math is
+fairseq criterion ``agg_cross_entropy`` gates it (docs/semantics.md). The math is
 :func:`fairseq_agg.core.gated_loss`; the counter is :class:`fairseq_agg.core.TokenCounter`.
 
 Counting: every ``loss`` call under grad mode on a module in training mode (``agg.train()``,
@@ -169,7 +169,7 @@ class AdaptiveGradientGating(nn.Module):
         chunk_size: > 0: the output layer and loss run over chunks of this many positions, so the
             (positions x vocabulary) logits are never held at once; 0: one logits tensor; None
             (default): chunks picked by shape (``core.auto_chunk_rows``: 256 positions or more),
-            leaner and measured not slower than one logits tensor (README, "Performance").
+            leaner and measured not slower than one logits tensor (docs/performance.md).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks this checkout under one Python environment, e.g. another torch release: the fast test
-# subset (README), a 3-update fairseq-train with the AGG task and criterion on a slice of the
+# subset (docs/development.md), a 3-update fairseq-train with the AGG task and criterion on a slice of the
 # shipped WikiText-2, and a resume from its checkpoint_last.pt for 2 more updates (fairseq's
 # torch.load there is weights-only on torch >= 2.6, so the resume exercises the plug-in's
 # allow-list). Prints one summary line: PASS or FAIL with the torch version.

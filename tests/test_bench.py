@@ -1,5 +1,5 @@
 """scripts/bench.py runs end to end on a tiny shape and writes its table and JSON (the times
-themselves are for the README, measured on an idle machine, never asserted here), its gated
+themselves are for docs/performance.md, measured on an idle machine, never asserted here), its gated
 output layer step is nn.Linear + F.cross_entropy's forward with AGG's gradients, its
 vocabulary-parallel measurement runs, and its peak memory (shared with examples/bench_hf.py) is
 the peak of the tensors live during a step."""

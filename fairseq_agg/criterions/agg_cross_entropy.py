@@ -59,7 +59,7 @@ class AggCrossEntropyConfig(FairseqDataclass):
         metadata={
             "help": "compute the output layer and loss in chunks of this many positions, so that the "
             "(positions x vocabulary) logits are never held at once; 0: one logits tensor; "
-            "default: chunks of 256 positions or more, picked by shape (leaner and not slower, README)"
+            "default: chunks of 256 positions or more, picked by shape (leaner and not slower: docs/performance.md)"
         },
     )
     sentence_avg: bool = II("optimization.sentence_avg")
