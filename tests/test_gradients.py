@@ -687,17 +687,26 @@ def _tail_gates(N, first_rare, seed):
     return core.Gates(rare, torch.where(rare, a, torch.ones(N)), torch.where(rare, 2 * a, torch.ones(N)))
 
 
-@pytest.mark.parametrize("rare_columns", ["scattered", "one range"])
+def _spread_gates(N, seed):
+    """Few rare tokens spread over the whole vocabulary (every fifth)."""
+    gen = torch.Generator().manual_seed(seed)
+    rare = torch.arange(N) % 5 == 1
+    a = torch.rand(N, generator=gen) * 0.5
+    return core.Gates(rare, torch.where(rare, a, torch.ones(N)), torch.where(rare, 2 * a, torch.ones(N)))
+
+
+@pytest.mark.parametrize("rare_columns", ["scattered", "one range", "few, spread"])
 @pytest.mark.parametrize("rare_rows", ["few", "most"])
 def test_gated_linear_arbitrary_upstream_gradient(rare_columns, rare_rows):
     """Not tied to softmax: for any upstream R, grad_W = (R * Gate)^T H and grad_H = R W, whichever
     side (rare-target rows or the others) the correction runs over, and whether the gated
-    columns form one range (corrected in place) or not."""
+    columns fill most of their span (corrected in place there) or are few and spread (gathered)."""
     torch.manual_seed(1)
     M, d, N = 25, 6, 17
     H = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
     W = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
-    gates = _plain_gates(N, 4, 2) if rare_columns == "scattered" else _tail_gates(N, 9, 2)
+    gates = {"scattered": lambda: _plain_gates(N, 4, 2), "one range": lambda: _tail_gates(N, 9, 2),
+             "few, spread": lambda: _spread_gates(N, 2)}[rare_columns]()
     rare_ids, other_ids = gates.rare.nonzero().squeeze(1), (~gates.rare).nonzero().squeeze(1)
     mostly, seldom = (rare_ids, other_ids) if rare_rows == "most" else (other_ids, rare_ids)
     y = mostly[torch.randint(0, len(mostly), (M,))]
