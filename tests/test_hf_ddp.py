@@ -39,6 +39,10 @@ def _worker(out_dir: str) -> None:
              "agg": trainer.agg.state_dict(), "log": trainer.state.log_history},
             Path(out_dir) / "rank0.pt",
         )
+    # Both processes leave the group together: a process that exits with gloo's threads still
+    # running may abort in their destructors ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.usefixtures("one_thread")
