@@ -94,15 +94,21 @@ def test_amp_is_refused(lm_data):
         build(train_args(lm_data["a"], "--amp"))
 
 
-def test_adaptive_softmax_is_refused(lm_data):
-    args = [a for a in train_args(lm_data["a"], "--adaptive-softmax-cutoff", "100,200")
-            if a != "--share-decoder-input-output-embed"]
+def _model_criterion_and_first_batch(args):
+    """The model and criterion fairseq builds from ``args``, in training mode, and the first train batch."""
     task, model, criterion = build(args)
     task.load_dataset("train")
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=256).next_epoch_itr(shuffle=False)
     criterion.train()
+    return model, criterion, next(iter(itr))
+
+
+def test_adaptive_softmax_is_refused(lm_data):
+    args = [a for a in train_args(lm_data["a"], "--adaptive-softmax-cutoff", "100,200")
+            if a != "--share-decoder-input-output-embed"]
+    model, criterion, batch = _model_criterion_and_first_batch(args)
     with pytest.raises(ValueError, match="do not support --adaptive-softmax-cutoff"):
-        criterion(model, next(iter(itr)))
+        criterion(model, batch)
 
 
 def test_a_decoder_without_an_output_projection_is_refused_before_its_forward(lm_data):
@@ -111,12 +117,9 @@ def test_a_decoder_without_an_output_projection_is_refused_before_its_forward(lm
             "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-hidden-size", "16",
             "--decoder-out-embed-dim", "16", "--criterion", "agg_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
             "--tokens-per-sample", "16", "--max-tokens", "256", "--cpu", "--no-save", "--disable-validation"]
-    task, model, criterion = build(args)
-    task.load_dataset("train")
-    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=256).next_epoch_itr(shuffle=False)
-    criterion.train()
+    model, criterion, batch = _model_criterion_and_first_batch(args)
     with pytest.raises(ValueError, match="need decoder.output_projection to be a bias-free nn.Linear"):
-        criterion(model, next(iter(itr)))
+        criterion(model, batch)
 
 
 def test_checkpoint_counter_of_another_vocabulary(lm_data, tmp_path):

@@ -52,12 +52,17 @@ def test_the_gated_layer_trains_as_the_fused_loss(tied):
     assert torch.equal(fused.counter.window_sum, gated.counter.window_sum)
 
 
-def test_in_evaluation_it_is_a_plain_linear_layer_that_counts_nothing():
+def _untied_gated_model():
+    """A float64 TinyLM whose untied head is AGG's gated layer, with the hidden states and labels of one batch."""
     model = TinyLM(V, D, T, tied=False).double()
     agg = AdaptiveGradientGating(V, alpha=ALPHA)
     model.head = agg.gated_output_layer(model.head)
-    ids, _ = zipf_tokens(2, T, V, seed=0)
-    hidden = model.features(ids)
+    ids, labels = zipf_tokens(2, T, V, seed=0)
+    return model, agg, model.features(ids), labels
+
+
+def test_in_evaluation_it_is_a_plain_linear_layer_that_counts_nothing():
+    model, agg, hidden, _ = _untied_gated_model()
     with torch.no_grad():
         torch.testing.assert_close(model.head(hidden), hidden @ model.head.weight.t())
     model.head.eval()
@@ -73,11 +78,7 @@ def _one_line(excinfo, *words):
 
 
 def test_misuse_is_refused_in_one_line():
-    model = TinyLM(V, D, T, tied=False).double()
-    agg = AdaptiveGradientGating(V, alpha=ALPHA)
-    model.head = agg.gated_output_layer(model.head)
-    ids, labels = zipf_tokens(2, T, V, seed=0)
-    hidden = model.features(ids)
+    model, agg, hidden, labels = _untied_gated_model()
     with pytest.raises(AggConfigError) as excinfo:
         model.head(hidden)  # a training forward without targets
     _one_line(excinfo, "agg.targets(")
